@@ -1,0 +1,8 @@
+//! kms-collector: receive, store, diagnose. Filled in by issue #3.
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+pub mod export;
+pub mod probe;
+pub mod report;
+pub mod serve;
+pub mod store;

@@ -1,0 +1,1 @@
+//! KMS twin and hang lab: skeleton, filled in by issue #4.
