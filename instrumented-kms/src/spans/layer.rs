@@ -1,0 +1,219 @@
+//! The span layer: ids, attributes, open-span set, per-thread stacks.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+use super::record::{unix_nanos, ClosedSpan, Mutable, SpanKind, SpanRecord, SpanStatus, Value};
+use super::registry::{self, OpenSpans};
+use super::{ids, redact, ClosedSpanSink};
+
+/// Tracks spans; see the module docs.
+pub(crate) struct SpanLayer {
+    open: Arc<OpenSpans>,
+    sink: Arc<dyn ClosedSpanSink>,
+    /// Spans open longer than this are "slow" and take the priority lane.
+    slow_threshold: Duration,
+    /// Keep per-thread stacks of entered spans (for the watchdog).
+    track_threads: bool,
+}
+
+impl fmt::Debug for SpanLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpanLayer")
+            .field("slow_threshold", &self.slow_threshold)
+            .field("track_threads", &self.track_threads)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpanLayer {
+    pub(crate) fn new(
+        open: Arc<OpenSpans>,
+        sink: Arc<dyn ClosedSpanSink>,
+        slow_threshold: Duration,
+        track_threads: bool,
+    ) -> Self {
+        Self {
+            open,
+            sink,
+            slow_threshold,
+            track_threads,
+        }
+    }
+}
+
+/// Records tracing fields as span attributes (with redaction) and picks up
+/// the `otel.*` conventions of tracing-opentelemetry.
+struct FieldVisitor<'a> {
+    m: &'a mut Mutable,
+}
+
+impl FieldVisitor<'_> {
+    fn put(&mut self, field: &Field, value: Value) {
+        let key = field.name();
+        match key {
+            "message" => return,
+            "otel.name" => {
+                if let Value::Str(s) = value {
+                    self.m.name = Cow::Owned(s);
+                }
+                return;
+            }
+            "otel.kind" => {
+                if let Value::Str(s) = &value {
+                    if let Some(kind) = SpanKind::parse(s) {
+                        self.m.kind = kind;
+                    }
+                }
+                return;
+            }
+            "otel.status_code" => {
+                if let Value::Str(s) = &value {
+                    self.m.status = match s.to_ascii_lowercase().as_str() {
+                        "error" => SpanStatus::Error,
+                        "ok" => SpanStatus::Ok,
+                        _ => SpanStatus::Unset,
+                    };
+                }
+                return;
+            }
+            _ => {}
+        }
+        let Some(value) = redact::attribute(key, value) else {
+            return;
+        };
+        match self.m.attributes.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.m.attributes.push((key, value)),
+        }
+    }
+}
+
+impl Visit for FieldVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, Value::Str(value.to_owned()));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, Value::Int(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, Value::Int(i64::try_from(value).unwrap_or(i64::MAX)));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, Value::Bool(value));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.put(field, Value::Float(value));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.put(field, Value::Str(format!("{value:?}")));
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.put(field, Value::Str(value.to_string()));
+    }
+}
+
+impl<S> Layer<S> for SpanLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let parent = span
+            .parent()
+            .and_then(|p| p.extensions().get::<Arc<SpanRecord>>().cloned());
+        let (trace_id, parent_span_id) = match &parent {
+            Some(p) => (p.trace_id, Some(p.span_id)),
+            None => (ids::trace_id(), None),
+        };
+        let mut mutable = Mutable {
+            name: Cow::Borrowed(attrs.metadata().name()),
+            kind: SpanKind::Internal,
+            attributes: Vec::with_capacity(attrs.fields().len()),
+            status: SpanStatus::Unset,
+        };
+        attrs.record(&mut FieldVisitor { m: &mut mutable });
+        let record = Arc::new(SpanRecord {
+            trace_id,
+            span_id: ids::span_id(),
+            parent_span_id,
+            start_unix_nanos: unix_nanos(SystemTime::now()),
+            start: Instant::now(),
+            mutable: Mutex::new(mutable),
+            snapshot_seq: AtomicU32::new(0),
+        });
+        self.open.insert(record.clone());
+        span.extensions_mut().insert(record);
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let ext = span.extensions();
+        if let Some(record) = ext.get::<Arc<SpanRecord>>() {
+            values.record(&mut FieldVisitor {
+                m: &mut record.lock(),
+            });
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        // An error event inside a span marks the span as failed (the message
+        // itself is not exported: it may carry anything).
+        if *event.metadata().level() != Level::ERROR {
+            return;
+        }
+        if let Some(span) = ctx.event_span(event) {
+            if let Some(record) = span.extensions().get::<Arc<SpanRecord>>() {
+                record.lock().status = SpanStatus::Error;
+            }
+        }
+    }
+
+    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
+        if !self.track_threads {
+            return;
+        }
+        let Some(span) = ctx.span(id) else { return };
+        let record = span.extensions().get::<Arc<SpanRecord>>().cloned();
+        if let Some(record) = record {
+            registry::push(record);
+        }
+    }
+
+    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+        if !self.track_threads {
+            return;
+        }
+        let Some(span) = ctx.span(id) else { return };
+        let key = span.extensions().get::<Arc<SpanRecord>>().map(|r| r.key());
+        if let Some(key) = key {
+            registry::pop(key);
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        let Some(record) = span.extensions_mut().remove::<Arc<SpanRecord>>() else {
+            return;
+        };
+        self.open.remove(&record);
+        let priority = record.was_snapshotted()
+            || record.start.elapsed() >= self.slow_threshold
+            || record.lock().status == SpanStatus::Error;
+        self.sink.closed(ClosedSpan {
+            record,
+            end_unix_nanos: unix_nanos(SystemTime::now()),
+            priority,
+        });
+    }
+}

@@ -1,0 +1,59 @@
+//! Span tracking: a tracing [`Layer`](tracing_subscriber::Layer) of ours that
+//! gives every span OpenTelemetry ids, keeps the set of open spans (for the
+//! open-span reporter) and, per OS thread, the stack of entered spans (for the
+//! watchdog, which names the span a stuck worker is in).
+//!
+//! Closed spans are handed to a [`ClosedSpanSink`] (the export queue when OTLP
+//! is on); converting them to OTLP protobuf happens later, on the export
+//! thread, so the app's threads pay only for recording.
+
+#![allow(dead_code)] // Wired in by the builder; see builder.rs.
+
+mod ids;
+mod layer;
+mod record;
+mod redact;
+mod registry;
+#[cfg(feature = "otlp")]
+pub(crate) mod reporter;
+
+pub(crate) use layer::SpanLayer;
+#[allow(unused_imports)]
+pub(crate) use record::{ClosedSpan, SpanKind, SpanRecord, SpanStatus, Value};
+pub(crate) use redact::{sanitize_url, split_url};
+#[allow(unused_imports)]
+pub(crate) use registry::OpenSpans;
+
+/// What the watchdog needs to know about the span a thread is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SpanRef {
+    /// Span name, e.g. `kms.request`.
+    pub(crate) name: String,
+    /// OpenTelemetry trace id.
+    pub(crate) trace_id: [u8; 16],
+    /// OpenTelemetry span id.
+    pub(crate) span_id: [u8; 8],
+}
+
+/// The innermost span entered on the OS thread `tid` (from `gettid`), if the
+/// span layer is installed and that thread is inside a tracked span.
+///
+/// Safe to call from any thread (the watchdog's); takes two short locks.
+#[allow(dead_code)]
+pub(crate) fn current_span_on_thread(tid: i32) -> Option<SpanRef> {
+    registry::current_span_on_thread(tid)
+}
+
+/// Where the span layer hands spans when they close.
+pub(crate) trait ClosedSpanSink: Send + Sync + 'static {
+    /// Takes one closed span. Must not block.
+    fn closed(&self, span: ClosedSpan);
+}
+
+/// A sink that discards closed spans (span tracking for the watchdog only).
+#[derive(Debug)]
+pub(crate) struct DiscardClosed;
+
+impl ClosedSpanSink for DiscardClosed {
+    fn closed(&self, _span: ClosedSpan) {}
+}
