@@ -81,6 +81,15 @@ for dir in "${series_dirs[@]}"; do
         rm -f /tmp/patch-check.$$
     done
     echo "$dir: $total patches checked"
+
+    # Every library name the series calls is also compiled by api-check.
+    names=$(cat "$dir"/*.patch | grep '^+' | grep -v '^+++' \
+        | grep -oE 'instrumented_kms::(\{[^}]*\}|[A-Za-z_]+)' \
+        | sed -e 's/^instrumented_kms:://' -e 's/[{}]//g' | tr ',' '\n' | tr -d ' ' | sort -u)
+    for name in $names; do
+        grep -qE "(instrumented_kms::|[{ ,])$name\b" api-check/src/lib.rs \
+            || fail "$dir calls instrumented_kms::$name, which api-check/src/lib.rs does not"
+    done
 done
 
 if [ "$failures" -ne 0 ]; then
