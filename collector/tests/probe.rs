@@ -1,0 +1,314 @@
+//! The GetMeta probe against real loopback servers, one per outcome class:
+//! nothing listening, a listener that never speaks TLS, a TLS server that
+//! never answers, and TLS/plain servers answering 200 or 500.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use kms_collector::probe::{self, ProbeConfig, ProbeSink, SinkError};
+use kms_collector::store::{ProbeAttempt, ProbeOutcome};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// Phase limit in these tests: long enough for loopback, short for the suite.
+const LIMIT: Duration = Duration::from_millis(400);
+
+/// Keeps attempts in memory.
+#[derive(Default)]
+struct MemorySink(Mutex<Vec<ProbeAttempt>>);
+
+impl ProbeSink for MemorySink {
+    fn write_probe(&self, attempt: &ProbeAttempt) -> Result<(), SinkError> {
+        self.0.lock().unwrap().push(attempt.clone());
+        Ok(())
+    }
+}
+
+/// What a test server saw.
+#[derive(Default)]
+struct Seen {
+    connections: AtomicUsize,
+    requests: Mutex<Vec<SeenRequest>>,
+}
+
+/// Method, path, content type and body of a request.
+type SeenRequest = (String, String, Option<String>, Vec<u8>);
+
+/// How a test server behaves after accepting a TCP connection.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// Keep the socket open, never send a byte.
+    Silent,
+    /// Close the socket at once.
+    Close,
+    /// TLS handshake, then read nothing and answer nothing.
+    TlsThenSilent,
+    /// TLS, then HTTP answering this status.
+    TlsHttp(u16),
+    /// Plain HTTP answering this status.
+    PlainHttp(u16),
+}
+
+/// Starts a server on 127.0.0.1:0; it runs until the test's runtime ends.
+async fn server(behaviour: Behaviour) -> (String, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Seen::default());
+    let acceptor = tls_acceptor();
+    let seen2 = Arc::clone(&seen);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            seen2.connections.fetch_add(1, Ordering::SeqCst);
+            match behaviour {
+                Behaviour::Silent => held.push(tcp),
+                Behaviour::Close => drop(tcp),
+                Behaviour::TlsThenSilent => {
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            // Hold the connection open without reading it.
+                            std::future::pending::<()>().await;
+                            drop(tls);
+                        }
+                    });
+                }
+                Behaviour::TlsHttp(status) => {
+                    let acceptor = acceptor.clone();
+                    let seen = Arc::clone(&seen2);
+                    tokio::spawn(async move {
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            serve_http(tls, status, seen).await;
+                        }
+                    });
+                }
+                Behaviour::PlainHttp(status) => {
+                    tokio::spawn(serve_http(tcp, status, Arc::clone(&seen2)));
+                }
+            }
+        }
+    });
+    let scheme = match behaviour {
+        Behaviour::PlainHttp(_) => "http",
+        _ => "https",
+    };
+    (
+        format!("{scheme}://127.0.0.1:{port}/prpc/KMS.GetMeta"),
+        seen,
+    )
+}
+
+async fn serve_http<S>(io: S, status: u16, seen: Arc<Seen>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let method = req.method().to_string();
+            let path = req.uri().to_string();
+            let ctype = req
+                .headers()
+                .get(hyper::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = req.into_body().collect().await?.to_bytes().to_vec();
+            seen.requests
+                .lock()
+                .unwrap()
+                .push((method, path, ctype, body));
+            let mut resp = Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")));
+            *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+            Ok::<_, hyper::Error>(resp)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+}
+
+/// A TLS acceptor with a fresh self-signed certificate, like the KMS's RA-TLS one.
+fn tls_acceptor() -> TlsAcceptor {
+    let cert = rcgen::generate_simple_self_signed(vec!["kms.local".to_owned()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// Runs `n` attempts against `url` and returns what the sink received.
+async fn probe_n(url: &str, n: u64) -> (Vec<ProbeAttempt>, probe::ProbeSummary) {
+    let sink = Arc::new(MemorySink::default());
+    let config = ProbeConfig::new(url)
+        .interval(Duration::from_millis(1))
+        .timeout(LIMIT)
+        .count(Some(n));
+    let summary = probe::spawn(config, sink.clone()).unwrap().wait().await;
+    let attempts = sink.0.lock().unwrap().clone();
+    (attempts, summary)
+}
+
+#[track_caller]
+fn expect_one(attempts: &[ProbeAttempt], outcome: ProbeOutcome, status: Option<u16>) {
+    assert_eq!(attempts.len(), 1, "{attempts:#?}");
+    let a = &attempts[0];
+    assert_eq!(a.outcome, outcome, "{a:#?}");
+    assert_eq!(a.http_status, status, "{a:#?}");
+    assert_eq!(a.error.is_some(), outcome != ProbeOutcome::Ok, "{a:#?}");
+    assert!(a.latency_ms.is_some_and(|ms| ms >= 0.0), "{a:#?}");
+    assert!(a.time_ns > 1_600_000_000_000_000_000, "{a:#?}");
+}
+
+#[tokio::test]
+async fn nothing_listening_is_connect() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("https://127.0.0.1:{port}/prpc/KMS.GetMeta");
+    let (attempts, _) = probe_n(&url, 1).await;
+    expect_one(&attempts, ProbeOutcome::Connect, None);
+    assert_eq!(attempts[0].target, url);
+    // Refused at once, not after the limit.
+    assert!(attempts[0].latency_ms.unwrap() < LIMIT.as_secs_f64() * 1e3);
+}
+
+#[tokio::test]
+async fn listener_that_never_speaks_tls_is_tls() {
+    let (url, seen) = server(Behaviour::Silent).await;
+    let (attempts, _) = probe_n(&url, 1).await;
+    expect_one(&attempts, ProbeOutcome::Tls, None);
+    assert!(attempts[0].latency_ms.unwrap() >= LIMIT.as_secs_f64() * 1e3);
+    assert!(
+        attempts[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("TLS handshake"),
+        "{attempts:?}"
+    );
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn listener_that_closes_at_once_is_tls() {
+    let (url, _) = server(Behaviour::Close).await;
+    let (attempts, _) = probe_n(&url, 1).await;
+    expect_one(&attempts, ProbeOutcome::Tls, None);
+}
+
+#[tokio::test]
+async fn tls_server_that_never_answers_is_timeout() {
+    let (url, seen) = server(Behaviour::TlsThenSilent).await;
+    let (attempts, _) = probe_n(&url, 1).await;
+    expect_one(&attempts, ProbeOutcome::Timeout, None);
+    assert!(attempts[0].latency_ms.unwrap() >= LIMIT.as_secs_f64() * 1e3);
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn tls_server_answering_200_is_ok_and_gets_a_getmeta_post() {
+    let (url, seen) = server(Behaviour::TlsHttp(200)).await;
+    let (attempts, summary) = probe_n(&url, 3).await;
+    assert_eq!(attempts.len(), 3);
+    for a in &attempts {
+        assert_eq!(a.outcome, ProbeOutcome::Ok, "{a:#?}");
+        assert_eq!(a.http_status, Some(200));
+        assert_eq!(a.error, None);
+    }
+    // A fresh connection per attempt.
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 3);
+    let requests = seen.requests.lock().unwrap();
+    assert_eq!(requests.len(), 3);
+    let (method, path, ctype, body) = &requests[0];
+    assert_eq!(method, "POST");
+    assert_eq!(path, "/prpc/KMS.GetMeta");
+    assert_eq!(ctype.as_deref(), Some("application/json"));
+    assert_eq!(body, b"{}");
+    assert_eq!(summary.attempts, 3);
+    assert_eq!(summary.first_failure, None);
+    assert!(summary.to_string().contains("no failure"), "{summary}");
+}
+
+#[tokio::test]
+async fn tls_server_answering_500_is_http_status() {
+    let (url, _) = server(Behaviour::TlsHttp(500)).await;
+    let (attempts, summary) = probe_n(&url, 1).await;
+    expect_one(&attempts, ProbeOutcome::HttpStatus, Some(500));
+    let ff = summary.first_failure.expect("first failure");
+    assert_eq!(ff.outcome, ProbeOutcome::HttpStatus);
+    assert_eq!(ff.since_first_success, None);
+}
+
+#[tokio::test]
+async fn plain_http_is_probed_without_tls() {
+    let (url, seen) = server(Behaviour::PlainHttp(200)).await;
+    let (attempts, _) = probe_n(&url, 1).await;
+    expect_one(&attempts, ProbeOutcome::Ok, Some(200));
+    assert_eq!(seen.requests.lock().unwrap().len(), 1);
+
+    let (url, _) = server(Behaviour::PlainHttp(503)).await;
+    let (attempts, _) = probe_n(&url, 1).await;
+    expect_one(&attempts, ProbeOutcome::HttpStatus, Some(503));
+}
+
+#[tokio::test]
+async fn plain_http_listener_that_never_answers_is_timeout() {
+    let (url, _) = server(Behaviour::Silent).await;
+    let url = url.replacen("https://", "http://", 1);
+    let (attempts, _) = probe_n(&url, 1).await;
+    expect_one(&attempts, ProbeOutcome::Timeout, None);
+}
+
+#[tokio::test]
+async fn stop_ends_a_loop_that_would_run_forever() {
+    let (url, seen) = server(Behaviour::Silent).await;
+    let sink = Arc::new(MemorySink::default());
+    let config = ProbeConfig::new(url)
+        .interval(Duration::from_secs(3600))
+        .timeout(Duration::from_secs(3600));
+    let handle = probe::spawn(config, sink.clone()).unwrap();
+    // The first attempt starts at once and then waits in its TLS phase.
+    wait_for(|| seen.connections.load(Ordering::SeqCst) == 1).await;
+    assert!(!handle.is_finished());
+    let summary = handle.stop().await;
+    // The attempt under way was abandoned, not stored.
+    assert_eq!(summary.attempts, 0);
+    assert!(sink.0.lock().unwrap().is_empty());
+}
+
+#[test]
+fn bad_urls_are_rejected_before_anything_runs() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let sink: Arc<dyn ProbeSink> = Arc::new(MemorySink::default());
+        let err = probe::spawn(ProbeConfig::new("ftp://x/"), Arc::clone(&sink)).unwrap_err();
+        assert!(err.to_string().contains("unsupported scheme"), "{err}");
+        assert!(probe::spawn(ProbeConfig::new("nope"), sink).is_err());
+    });
+}
+
+/// Polls `cond` until it holds, for at most 10 s.
+async fn wait_for(mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
