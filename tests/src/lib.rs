@@ -1,1 +1,7 @@
-//! KMS twin and hang lab: skeleton, filled in by issue #4.
+//! KMS twin and hang lab. (crate docs: see README, written below)
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+pub mod fault;
+mod ikms;
+pub mod secrets;
+pub mod twin;
