@@ -2,7 +2,9 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod export;
+pub mod forward;
 pub mod probe;
+pub mod receive;
 pub mod report;
 pub mod serve;
 pub mod store;

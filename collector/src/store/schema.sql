@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS events (
     dedup_key       TEXT    UNIQUE                -- hash of the record: a retried export is stored once
 );
 CREATE INDEX IF NOT EXISTS events_name_time ON events(name, time_ns);
+CREATE INDEX IF NOT EXISTS events_received ON events(received_ns);
 
 -- OTLP metric data points (from producers that send metrics).
 CREATE TABLE IF NOT EXISTS metric_samples (
@@ -62,6 +63,7 @@ CREATE TABLE IF NOT EXISTS metric_samples (
     dedup_key       TEXT    UNIQUE
 );
 CREATE INDEX IF NOT EXISTS metric_samples_name_time ON metric_samples(name, time_ns);
+CREATE INDEX IF NOT EXISTS metric_samples_received ON metric_samples(received_ns);
 
 -- GetMeta probe attempts (kms-collector probe / serve --probe).
 CREATE TABLE IF NOT EXISTS probe_attempts (
@@ -73,7 +75,8 @@ CREATE TABLE IF NOT EXISTS probe_attempts (
     http_status     INTEGER,
     error           TEXT
 );
-CREATE INDEX IF NOT EXISTS probe_attempts_time ON probe_attempts(time_ns);
+-- Unique so that writing the same attempt twice stores it once.
+CREATE UNIQUE INDEX IF NOT EXISTS probe_attempts_time ON probe_attempts(time_ns, target);
 
 -- tokio-console task snapshots recorded from the KMS's console-subscriber.
 CREATE TABLE IF NOT EXISTS console_tasks (
