@@ -30,7 +30,8 @@ pub enum Fault {
     AsyncDeadlock,
     /// D: two worker threads take two `parking_lot` mutexes in opposite order.
     SyncDeadlock,
-    /// E: each request leaks a connection until the process hits its fd limit.
+    /// E: every accepted connection is kept open for good, until the process
+    /// hits its fd limit and can accept no more.
     FdExhaustion,
 }
 

@@ -6,10 +6,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Default)]
-pub struct Builder { _x: u8 }
+pub struct Builder {
+    _x: u8,
+}
 #[derive(Debug)]
 pub struct DiagGuard;
-impl Drop for DiagGuard { fn drop(&mut self) {} }
+impl Drop for DiagGuard {
+    fn drop(&mut self) {}
+}
 #[derive(Debug, thiserror::Error)]
 #[error("init")]
 pub struct InitError;

@@ -3,5 +3,6 @@
 
 pub mod fault;
 mod ikms;
+pub mod lab;
 pub mod secrets;
 pub mod twin;

@@ -32,6 +32,8 @@ pub struct TwinState {
     pub requests_started: u64,
     /// Requests answered.
     pub requests_finished: u64,
+    /// Requests whose handler was cancelled (h2 stream reset).
+    pub requests_cancelled: u64,
     /// Bytes leaked (`memory-leak`).
     pub leaked_bytes: u64,
     /// Connections leaked (`fd-exhaustion`).
@@ -62,6 +64,7 @@ impl TwinState {
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             requests_started: load(&kms.counters.requests_started),
             requests_finished: load(&kms.counters.requests_finished),
+            requests_cancelled: load(&kms.counters.requests_cancelled),
             leaked_bytes: load(&kms.counters.leaked_bytes),
             leaked_connections: load(&kms.counters.leaked_connections),
             blocked_workers: load(&kms.counters.blocked_workers),

@@ -122,14 +122,16 @@ pub struct RpcRequest {
     pub authorization: Option<String>,
 }
 
-/// Runs one method: the request-buffer pool and connection leaks, the
+/// Runs one method: the request-buffer pool (and its leak), the
 /// client's quote verification, then the method itself. Returns the HTTP
 /// status and the JSON body.
 pub async fn dispatch(kms: Arc<Kms>, rpc: Rpc, request: RpcRequest) -> (u16, Value) {
     kms.counters
         .requests_started
         .fetch_add(1, Ordering::Relaxed);
+    let mut cancelled = CountIfCancelled(Some(kms.clone()));
     let result = run(&kms, rpc, &request).await;
+    cancelled.0 = None;
     kms.counters
         .requests_finished
         .fetch_add(1, Ordering::Relaxed);
@@ -139,9 +141,22 @@ pub async fn dispatch(kms: Arc<Kms>, rpc: Rpc, request: RpcRequest) -> (u16, Val
     }
 }
 
+/// Counts a request whose handler was dropped before it finished (an h2
+/// client reset its stream).
+struct CountIfCancelled(Option<Arc<Kms>>);
+
+impl Drop for CountIfCancelled {
+    fn drop(&mut self) {
+        if let Some(kms) = self.0.take() {
+            kms.counters
+                .requests_cancelled
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 async fn run(kms: &Arc<Kms>, rpc: Rpc, request: &RpcRequest) -> Result<Value, RpcError> {
     take_request_buffer(kms).await?;
-    leak_connection(kms).await?;
     if kms.config.attest_clients {
         kms.config
             .peers
@@ -179,26 +194,6 @@ async fn take_request_buffer(kms: &Kms) -> Result<(), RpcError> {
             .leaked_bytes
             .fetch_add(bytes, Ordering::Relaxed);
     }
-    Ok(())
-}
-
-/// Under `fd-exhaustion`, every request opens a connection to the auth
-/// webhook and never closes it (two fds per request: both ends live in this
-/// process, since the fake webhook is in-process).
-async fn leak_connection(kms: &Kms) -> Result<(), RpcError> {
-    if !kms.fault.is(Fault::FdExhaustion) {
-        return Ok(());
-    }
-    let Some(peers) = &kms.fake_peers else {
-        return Ok(());
-    };
-    let stream = tokio::net::TcpStream::connect(peers.webhook_addr)
-        .await
-        .map_err(|e| RpcError::Internal(format!("connecting to the auth webhook: {e}")))?;
-    kms.leaked_connections.lock().push(stream);
-    kms.counters
-        .leaked_connections
-        .fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 

@@ -35,6 +35,7 @@ use serde_json::{json, Value};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::fault::Fault;
 use crate::ikms;
 use crate::twin::rpc::{self, Rpc, RpcRequest};
 use crate::twin::state::Kms;
@@ -51,6 +52,14 @@ pub async fn serve(listener: tokio::net::TcpListener, acceptor: TlsAcceptor, kms
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
+                let tcp = if kms.fault.is(Fault::FdExhaustion) {
+                    match track_forever(&kms, tcp) {
+                        Some(duplicate) => duplicate,
+                        None => continue,
+                    }
+                } else {
+                    tcp
+                };
                 tokio::spawn(connection(tcp, peer, acceptor.clone(), kms.clone()));
             }
             Err(e) => {
@@ -60,6 +69,26 @@ pub async fn serve(listener: tokio::net::TcpListener, acceptor: TlsAcceptor, kms
             }
         }
     }
+}
+
+/// The `fd-exhaustion` bug: a connection tracker keeps every accepted socket
+/// for good and the connection is served through a duplicate fd. When the
+/// clients close, the kept sockets sit in `CLOSE_WAIT`; when no duplicate
+/// can be made any more (the fd limit is reached) the connection is kept but
+/// never served, and from then on `accept` fails with EMFILE: new clients
+/// complete the TCP handshake in the kernel's backlog and then wait forever
+/// for TLS.
+fn track_forever(kms: &Kms, tcp: tokio::net::TcpStream) -> Option<tokio::net::TcpStream> {
+    let original = tcp.into_std().ok()?;
+    let duplicate = original
+        .try_clone()
+        .ok()
+        .and_then(|d| tokio::net::TcpStream::from_std(d).ok());
+    kms.leaked_connections.lock().push(original);
+    kms.counters
+        .leaked_connections
+        .fetch_add(1, Ordering::Relaxed);
+    duplicate
 }
 
 async fn connection(

@@ -57,8 +57,8 @@ pub struct Kms {
     pub buffer_pool: tokio::sync::Semaphore,
     /// Leaked buffers (kept so the memory stays resident).
     pub leaked_buffers: parking_lot::Mutex<Vec<Vec<u8>>>,
-    /// Leaked connections (kept so their fds stay open).
-    pub leaked_connections: parking_lot::Mutex<Vec<tokio::net::TcpStream>>,
+    /// Accepted sockets kept for good under `fd-exhaustion`.
+    pub leaked_connections: parking_lot::Mutex<Vec<std::net::TcpStream>>,
     /// Counters.
     pub counters: Counters,
 }
@@ -70,6 +70,8 @@ pub struct Counters {
     pub requests_started: AtomicU64,
     /// Requests answered.
     pub requests_finished: AtomicU64,
+    /// Requests whose handler was cancelled (h2 stream reset).
+    pub requests_cancelled: AtomicU64,
     /// Bytes leaked under `memory-leak`.
     pub leaked_bytes: AtomicU64,
     /// Connections leaked under `fd-exhaustion`.

@@ -1,0 +1,92 @@
+//! Background load: CVMs booting. Every period, one wave of `GetAppKey`,
+//! `SignCert` and `GetTempCaCert` calls sent at the same time, each given
+//! up after its deadline (a CVM retries later; an abandoned HTTP/1.1 request
+//! leaves its socket in `CLOSE_WAIT` on the KMS side, as upstream observed).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::lab::client::{CallOutcome, KmsClient};
+use crate::twin::rpc::Rpc;
+
+/// What the load has seen so far.
+#[derive(Debug, Default, Serialize)]
+pub struct LoadStats {
+    /// Calls sent.
+    pub sent: AtomicU64,
+    /// Calls answered with 2xx.
+    pub ok: AtomicU64,
+    /// Calls answered with another status.
+    pub error_status: AtomicU64,
+    /// Calls given up at their deadline.
+    pub timed_out: AtomicU64,
+    /// Calls that failed to connect or handshake.
+    pub failed: AtomicU64,
+}
+
+impl LoadStats {
+    /// `(sent, ok, timed_out, failed)` now.
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (
+            load(&self.sent),
+            load(&self.ok),
+            load(&self.timed_out),
+            load(&self.failed) + load(&self.error_status),
+        )
+    }
+}
+
+/// The running load; stops when dropped.
+#[derive(Debug)]
+pub struct Load {
+    task: tokio::task::JoinHandle<()>,
+    /// Counters.
+    pub stats: Arc<LoadStats>,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The methods of one wave: two that share locks (so a lock-order bug meets
+/// its other half) and one that does no I/O.
+const WAVE: [Rpc; 3] = [Rpc::GetAppKey, Rpc::SignCert, Rpc::GetTempCaCert];
+
+impl Load {
+    /// Starts sending a wave every `period`; each call gives up after `deadline`.
+    pub fn start(client: KmsClient, period: Duration, deadline: Duration) -> Load {
+        let stats = Arc::new(LoadStats::default());
+        let counters = stats.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut calls = tokio::task::JoinSet::new();
+            loop {
+                tick.tick().await;
+                while calls.try_join_next().is_some() {}
+                for rpc in WAVE {
+                    let (client, counters) = (client.clone(), counters.clone());
+                    counters.sent.fetch_add(1, Ordering::Relaxed);
+                    calls.spawn(async move {
+                        let counter = match client.call(rpc, deadline).await {
+                            CallOutcome::Answered(status, _) if (200..300).contains(&status) => {
+                                &counters.ok
+                            }
+                            CallOutcome::Answered(..) => &counters.error_status,
+                            CallOutcome::TimedOut => &counters.timed_out,
+                            CallOutcome::Failed(_) => &counters.failed,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    });
+                }
+            }
+        });
+        Load { task, stats }
+    }
+}

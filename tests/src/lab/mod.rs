@@ -1,0 +1,6 @@
+//! The hang lab: runs the collector, the twin and the GetMeta poller
+//! together, injects a fault, and waits for the verdict.
+
+pub mod child;
+pub mod client;
+pub mod load;

@@ -1,0 +1,79 @@
+//! Shared harness of the twin and lab tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::ffi::OsString;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kms_twin::lab::child::{TwinLaunch, TwinProcess};
+
+/// Starts a twin with `args` (and `env`), logging into a temp dir kept alive by the returned guard.
+pub async fn start_twin(args: &[&str], env: &[(&str, &str)]) -> (TwinProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let launch = TwinLaunch {
+        binary: PathBuf::from(env!("CARGO_BIN_EXE_kms-twin")),
+        args: args.iter().map(OsString::from).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        log: dir.path().join("twin.log"),
+        ready_file: dir.path().join("twin.ready"),
+    };
+    let twin = TwinProcess::start(&launch, Duration::from_secs(20))
+        .await
+        .expect("the twin starts");
+    (twin, dir)
+}
+
+/// Polls `check` until it returns `Some`, or panics after `limit` naming `what`.
+#[track_caller]
+pub fn wait_for<T, F, Fut>(
+    limit: Duration,
+    what: &'static str,
+    mut check: F,
+) -> impl Future<Output = T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let caller = std::panic::Location::caller();
+    async move {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{caller}: gave up after {limit:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// TCP connections on `port` of this host in `state` (e.g. `08` = CLOSE_WAIT), from /proc/net/tcp.
+pub fn tcp_count(port: u16, state_hex: &str) -> usize {
+    let mut count = 0;
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
+                continue;
+            };
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && state.eq_ignore_ascii_case(state_hex) {
+                count += 1;
+            }
+        }
+    }
+    count
+}
