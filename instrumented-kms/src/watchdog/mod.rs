@@ -1,0 +1,157 @@
+//! Runtime-stall watchdog (feature `watchdog`): finds a task poll that does
+//! not return and a runtime that stops polling, from outside the runtime.
+//!
+//! Two signals, both read by one named OS thread (`kms-diag-watchdog`):
+//!
+//! - **Poll stalls.** The poll hooks of [`runtime_builder`](crate::runtime_builder)
+//!   record per worker thread which task it is polling (see
+//!   [`crate::runtime::slots`]). A poll still running after
+//!   [`WatchdogConfig::poll_threshold`] is a stall: a handler blocking its
+//!   worker (`std::thread::sleep`, a blocking syscall, a sync lock, a busy
+//!   loop). tokio-metrics cannot see this: it learns about a poll only when it
+//!   returns.
+//! - **Heartbeat stalls.** A heartbeat task on the watched runtime ticks every
+//!   few milliseconds. If its beat is late by more than
+//!   [`WatchdogConfig::heartbeat_threshold`], the runtime as a whole is not
+//!   getting round to ready tasks (all workers blocked, or a flood of work).
+//!
+//! Each stall is reported as `kms.stall` when found, again every threshold
+//! while it lasts, and as `kms.stall_end` when over (`docs/wire-format.md`).
+//! The thread reads `/proc` for the stuck thread's kernel state and asks the
+//! span registry which span that thread is in. It never creates spans, and
+//! never touches the watched runtime's workers, so it keeps reporting when
+//! every worker is blocked.
+
+mod heartbeat;
+mod os_thread;
+mod stall;
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+#[cfg_attr(not(feature = "runtime-metrics"), allow(unused_imports))]
+pub(crate) use heartbeat::for_runtime as heartbeat_for_runtime;
+pub(crate) use heartbeat::Heartbeat;
+
+use crate::sink::EventSink;
+
+/// Watchdog settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WatchdogConfig {
+    /// A poll running longer than this is a stall. Default 1 s.
+    pub(crate) poll_threshold: Duration,
+    /// A heartbeat late by more than this is a stall. Default 2 s.
+    pub(crate) heartbeat_threshold: Duration,
+}
+
+impl WatchdogConfig {
+    /// Default of [`WatchdogConfig::poll_threshold`].
+    pub(crate) const DEFAULT_POLL_THRESHOLD: Duration = Duration::from_secs(1);
+    /// Default of [`WatchdogConfig::heartbeat_threshold`].
+    pub(crate) const DEFAULT_HEARTBEAT_THRESHOLD: Duration = Duration::from_secs(2);
+
+    /// How often the watchdog thread looks: a tenth of the smaller
+    /// threshold, between 5 ms and 100 ms. This bounds how much a reported
+    /// poll duration can undercount (durations are timed from the first
+    /// check that sees the poll).
+    pub(crate) fn check_interval(&self) -> Duration {
+        (self.poll_threshold.min(self.heartbeat_threshold) / 10)
+            .clamp(Duration::from_millis(5), Duration::from_millis(100))
+    }
+
+    /// Heartbeat tick: a tenth of the heartbeat threshold, 5 ms to 100 ms.
+    pub(crate) fn heartbeat_period(&self) -> Duration {
+        (self.heartbeat_threshold / 10).clamp(Duration::from_millis(5), Duration::from_millis(100))
+    }
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        Self {
+            poll_threshold: Self::DEFAULT_POLL_THRESHOLD,
+            heartbeat_threshold: Self::DEFAULT_HEARTBEAT_THRESHOLD,
+        }
+    }
+}
+
+/// Adds runtimes to a running watchdog. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct WatchdogHandle {
+    config: WatchdogConfig,
+    pending: Arc<Mutex<Vec<Watch>>>,
+}
+
+#[derive(Debug)]
+struct Watch {
+    handle: tokio::runtime::Handle,
+    heartbeat: Arc<Heartbeat>,
+}
+
+impl WatchdogHandle {
+    /// Starts watching the runtime behind `handle`: spawns the heartbeat task
+    /// on it. Poll stalls are seen only on runtimes built by
+    /// [`runtime_builder`](crate::runtime_builder) (which installs the poll
+    /// hooks); heartbeat stalls on any runtime.
+    pub(crate) fn watch_runtime(&self, handle: &tokio::runtime::Handle) {
+        let heartbeat = Heartbeat::start(handle, self.config.heartbeat_period());
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Watch {
+                handle: handle.clone(),
+                heartbeat,
+            });
+    }
+}
+
+/// Starts the watchdog thread. It runs until `stop` receives a message or
+/// its sender is dropped; runtimes are added with the returned handle.
+///
+/// # Errors
+///
+/// The OS refused to start the thread.
+pub(crate) fn spawn(
+    config: WatchdogConfig,
+    sink: EventSink,
+    stop: Receiver<()>,
+) -> std::io::Result<(WatchdogHandle, JoinHandle<()>)> {
+    let handle = WatchdogHandle {
+        config: config.clone(),
+        pending: Arc::new(Mutex::new(Vec::new())),
+    };
+    let pending = Arc::clone(&handle.pending);
+    let thread = std::thread::Builder::new()
+        .name("kms-diag-watchdog".into())
+        .spawn(move || run(config, sink, stop, pending))?;
+    Ok((handle, thread))
+}
+
+fn run(
+    config: WatchdogConfig,
+    sink: EventSink,
+    stop: Receiver<()>,
+    pending: Arc<Mutex<Vec<Watch>>>,
+) {
+    #[cfg(feature = "deadlock-detection")]
+    crate::runtime::threads::register_current();
+    let mut watched: Vec<stall::Watched> = Vec::new();
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(config.check_interval()) {
+        for watch in pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            watched.push(stall::Watched::new(watch.handle, watch.heartbeat));
+        }
+        for runtime in &mut watched {
+            runtime.check(&config, &sink);
+        }
+        // A runtime that shut down dropped its heartbeat task: stop watching.
+        watched.retain(|w| !w.is_gone());
+    }
+    for runtime in &watched {
+        runtime.stop();
+    }
+}
