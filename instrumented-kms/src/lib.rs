@@ -1,6 +1,4 @@
-//! instrumented-kms: see inside a dstack KMS's tokio runtime.
-//!
-//! Skeleton: the helpers working on issue #2 fill this in.
+#![doc = include_str!("../README.md")]
 #![warn(
     missing_docs,
     missing_debug_implementations,
@@ -8,9 +6,36 @@
     unreachable_pub
 )]
 
+mod builder;
+#[cfg(feature = "console")]
+mod console;
+#[cfg(feature = "deadlock-detection")]
+mod deadlock;
+pub mod env;
+mod error;
 mod event;
+#[cfg(feature = "otlp")]
+mod export;
+mod guard;
+mod logs;
+#[cfg(feature = "runtime-metrics")]
+mod metrics;
+#[cfg(feature = "process-facts")]
+mod process;
+mod rpc;
+mod runtime;
 mod sink;
 pub(crate) mod spans;
+#[cfg(feature = "watchdog")]
+mod watchdog;
 
+pub use builder::{Builder, DiagLayer, Settings};
+pub use error::InitError;
 pub use event::{AttrValue, DiagEvent, Severity};
+pub use guard::{DiagGuard, ExportStats};
+pub use rpc::{
+    monitor_rpc, outbound, outbound_result, record_status, request_span, HttpProtocol,
+    OutboundCall, Peer, RequestInfo,
+};
+pub use runtime::{runtime_builder, WORKER_THREAD_PREFIX};
 pub use sink::EventSink;

@@ -7,10 +7,10 @@
 //! is on); converting them to OTLP protobuf happens later, on the export
 //! thread, so the app's threads pay only for recording.
 
-#![allow(dead_code)] // Wired in by the builder; see builder.rs.
-
 mod ids;
 mod layer;
+// Without `otlp`, closed spans are discarded and some fields go unread.
+#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
 mod record;
 mod redact;
 mod registry;
@@ -19,7 +19,7 @@ pub(crate) mod reporter;
 
 pub(crate) use layer::SpanLayer;
 #[allow(unused_imports)]
-pub(crate) use record::{ClosedSpan, SpanKind, SpanRecord, SpanStatus, Value};
+pub(crate) use record::{unix_nanos, ClosedSpan, SpanKind, SpanRecord, SpanStatus, Value};
 pub(crate) use redact::{sanitize_url, split_url};
 #[allow(unused_imports)]
 pub(crate) use registry::OpenSpans;

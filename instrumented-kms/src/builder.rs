@@ -1,0 +1,514 @@
+//! The one builder: every setting, its default, its environment variable.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry};
+
+use crate::env;
+use crate::error::InitError;
+use crate::guard::DiagGuard;
+
+/// The composed layer returned by [`Builder::build`].
+pub type DiagLayer = Box<dyn Layer<Registry> + Send + Sync + 'static>;
+
+/// Configures and starts the diagnostics: logs, tokio-console, OTLP export,
+/// open-span reports, runtime metrics, deadlock detection, the stall watchdog
+/// and process facts (each behind its cargo feature).
+///
+/// Every setter names its default (a `pub const` here) and its environment
+/// variables. Precedence: a value set in code > `KMS_DIAG_*` > the standard
+/// variable (`OTEL_*`, `RUST_LOG`, `TOKIO_CONSOLE_*`) > the default. A value
+/// that does not parse is an [`InitError::InvalidEnv`]; nothing here panics.
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// let guard = instrumented_kms::Builder::default()
+///     .service_name("dstack-kms")
+///     .otlp_endpoint("http://127.0.0.1:4317")
+///     .open_span_threshold(Duration::from_secs(10))
+///     .init()?;
+/// # drop(guard);
+/// # Ok::<(), instrumented_kms::InitError>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct Builder {
+    service_name: Option<String>,
+    service_version: Option<String>,
+    otlp: Option<bool>,
+    otlp_endpoint: Option<String>,
+    export_queue_capacity: Option<usize>,
+    export_timeout: Option<Duration>,
+    console: Option<bool>,
+    console_bind: Option<SocketAddr>,
+    console_retention: Option<Duration>,
+    log: Option<bool>,
+    log_filter: Option<String>,
+    open_span_threshold: Option<Duration>,
+    open_span_interval: Option<Duration>,
+    stall_poll_threshold: Option<Duration>,
+    stall_heartbeat_threshold: Option<Duration>,
+    deadlock_check_interval: Option<Duration>,
+    metrics_interval: Option<Duration>,
+    process_interval: Option<Duration>,
+    listen_port: Option<u16>,
+}
+
+/// The settings in force after resolving code, environment and defaults.
+/// See [`Builder`] for what each one means.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Settings {
+    /// `service.name`.
+    pub service_name: String,
+    /// `service.version`.
+    pub service_version: String,
+    /// OTLP export on (needs feature `otlp`).
+    pub otlp: bool,
+    /// OTLP/gRPC endpoint.
+    pub otlp_endpoint: String,
+    /// Ordinary-lane capacity of the export queue.
+    pub export_queue_capacity: usize,
+    /// Timeout of one export request.
+    pub export_timeout: Duration,
+    /// tokio-console server on (needs feature `console`).
+    pub console: bool,
+    /// tokio-console bind address.
+    pub console_bind: SocketAddr,
+    /// How long the console keeps completed tasks and spans.
+    pub console_retention: Duration,
+    /// fmt log layer on.
+    pub log: bool,
+    /// Log filter directives.
+    pub log_filter: String,
+    /// Age after which open spans are reported.
+    pub open_span_threshold: Duration,
+    /// Report interval of open spans.
+    pub open_span_interval: Duration,
+    /// Poll-stall threshold.
+    pub stall_poll_threshold: Duration,
+    /// Heartbeat-stall threshold.
+    pub stall_heartbeat_threshold: Duration,
+    /// Deadlock check interval.
+    pub deadlock_check_interval: Duration,
+    /// Runtime/task metrics interval.
+    pub metrics_interval: Duration,
+    /// Process facts interval.
+    pub process_interval: Duration,
+    /// Port whose connections process facts count (`None`: not configured).
+    pub listen_port: Option<u16>,
+}
+
+impl Builder {
+    /// Default service name.
+    pub const DEFAULT_SERVICE_NAME: &'static str = "dstack-kms";
+    /// Default service version (set it from the host's `CARGO_PKG_VERSION`).
+    pub const DEFAULT_SERVICE_VERSION: &'static str = "unknown";
+    /// Default OTLP endpoint: the host as seen from a QEMU user-networking guest.
+    pub const DEFAULT_OTLP_ENDPOINT: &'static str = "http://10.0.2.2:4317";
+    /// Default ordinary-lane capacity of the export queue.
+    pub const DEFAULT_EXPORT_QUEUE_CAPACITY: usize = 4096;
+    /// Default timeout of one export request.
+    pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
+    /// Default tokio-console bind address.
+    pub const DEFAULT_CONSOLE_BIND: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 6669));
+    /// Default console retention: bounded, far below console-subscriber's 1 h.
+    pub const DEFAULT_CONSOLE_RETENTION: Duration = Duration::from_secs(60);
+    /// Default log filter.
+    pub const DEFAULT_LOG_FILTER: &'static str = "info";
+    /// Default age after which an open span is reported.
+    pub const DEFAULT_OPEN_SPAN_THRESHOLD: Duration = Duration::from_secs(10);
+    /// Default open-span report interval.
+    pub const DEFAULT_OPEN_SPAN_INTERVAL: Duration = Duration::from_secs(5);
+    /// Default poll-stall threshold.
+    pub const DEFAULT_STALL_POLL_THRESHOLD: Duration = Duration::from_secs(1);
+    /// Default heartbeat-stall threshold.
+    pub const DEFAULT_STALL_HEARTBEAT_THRESHOLD: Duration = Duration::from_secs(2);
+    /// Default deadlock check interval.
+    pub const DEFAULT_DEADLOCK_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+    /// Default metrics interval.
+    pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(5);
+    /// Default process facts interval.
+    pub const DEFAULT_PROCESS_INTERVAL: Duration = Duration::from_secs(5);
+    /// Default time [`DiagGuard`]'s `Drop` gives the exporter to flush.
+    pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// `service.name`. Default [`Self::DEFAULT_SERVICE_NAME`]; env
+    /// [`KMS_DIAG_SERVICE_NAME`](env::KMS_DIAG_SERVICE_NAME) >
+    /// [`OTEL_SERVICE_NAME`](env::OTEL_SERVICE_NAME).
+    pub fn service_name(mut self, name: impl Into<String>) -> Self {
+        self.service_name = Some(name.into());
+        self
+    }
+
+    /// `service.version`. Default [`Self::DEFAULT_SERVICE_VERSION`]; env
+    /// [`KMS_DIAG_SERVICE_VERSION`](env::KMS_DIAG_SERVICE_VERSION).
+    pub fn service_version(mut self, version: impl Into<String>) -> Self {
+        self.service_version = Some(version.into());
+        self
+    }
+
+    /// Turns OTLP export (spans, open-span snapshots, diagnostic events) on
+    /// or off. Default on when the `otlp` feature is built; env
+    /// [`KMS_DIAG_OTLP`](env::KMS_DIAG_OTLP).
+    pub fn otlp_enabled(mut self, on: bool) -> Self {
+        self.otlp = Some(on);
+        self
+    }
+
+    /// OTLP/gRPC endpoint. Default [`Self::DEFAULT_OTLP_ENDPOINT`]; env
+    /// [`KMS_DIAG_OTLP_ENDPOINT`](env::KMS_DIAG_OTLP_ENDPOINT) >
+    /// [`OTEL_EXPORTER_OTLP_ENDPOINT`](env::OTEL_EXPORTER_OTLP_ENDPOINT).
+    pub fn otlp_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.otlp_endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Capacity of the export queue's ordinary lane (closed spans, samples);
+    /// beyond it they are dropped and counted. Default
+    /// [`Self::DEFAULT_EXPORT_QUEUE_CAPACITY`]; env
+    /// [`KMS_DIAG_EXPORT_QUEUE`](env::KMS_DIAG_EXPORT_QUEUE).
+    pub fn export_queue_capacity(mut self, items: usize) -> Self {
+        self.export_queue_capacity = Some(items);
+        self
+    }
+
+    /// Timeout of one export request. Default
+    /// [`Self::DEFAULT_EXPORT_TIMEOUT`]; env
+    /// [`KMS_DIAG_EXPORT_TIMEOUT`](env::KMS_DIAG_EXPORT_TIMEOUT).
+    pub fn export_timeout(mut self, timeout: Duration) -> Self {
+        self.export_timeout = Some(timeout);
+        self
+    }
+
+    /// Turns the tokio-console server on or off. Default on when the
+    /// `console` feature is built; env [`KMS_DIAG_CONSOLE`](env::KMS_DIAG_CONSOLE).
+    pub fn console_enabled(mut self, on: bool) -> Self {
+        self.console = Some(on);
+        self
+    }
+
+    /// tokio-console bind address. Default [`Self::DEFAULT_CONSOLE_BIND`]; env
+    /// [`KMS_DIAG_CONSOLE_BIND`](env::KMS_DIAG_CONSOLE_BIND) >
+    /// [`TOKIO_CONSOLE_BIND`](env::TOKIO_CONSOLE_BIND).
+    pub fn console_bind(mut self, addr: SocketAddr) -> Self {
+        self.console_bind = Some(addr);
+        self
+    }
+
+    /// How long the console keeps data about completed tasks. Default
+    /// [`Self::DEFAULT_CONSOLE_RETENTION`]; env
+    /// [`KMS_DIAG_CONSOLE_RETENTION`](env::KMS_DIAG_CONSOLE_RETENTION) >
+    /// [`TOKIO_CONSOLE_RETENTION`](env::TOKIO_CONSOLE_RETENTION).
+    pub fn console_retention(mut self, retention: Duration) -> Self {
+        self.console_retention = Some(retention);
+        self
+    }
+
+    /// Turns the fmt log layer on or off. Default on.
+    pub fn log_enabled(mut self, on: bool) -> Self {
+        self.log = Some(on);
+        self
+    }
+
+    /// Log filter directives (`EnvFilter` syntax), applied to the log layer
+    /// only. Default [`Self::DEFAULT_LOG_FILTER`]; env
+    /// [`KMS_DIAG_LOG`](env::KMS_DIAG_LOG) > [`RUST_LOG`](env::RUST_LOG).
+    pub fn log_filter(mut self, directives: impl Into<String>) -> Self {
+        self.log_filter = Some(directives.into());
+        self
+    }
+
+    /// Spans open longer than this are reported as open-span snapshots (and
+    /// count as slow). Default [`Self::DEFAULT_OPEN_SPAN_THRESHOLD`]; env
+    /// [`KMS_DIAG_OPEN_SPAN_THRESHOLD`](env::KMS_DIAG_OPEN_SPAN_THRESHOLD).
+    pub fn open_span_threshold(mut self, threshold: Duration) -> Self {
+        self.open_span_threshold = Some(threshold);
+        self
+    }
+
+    /// How often open spans are reported. Default
+    /// [`Self::DEFAULT_OPEN_SPAN_INTERVAL`]; env
+    /// [`KMS_DIAG_OPEN_SPAN_INTERVAL`](env::KMS_DIAG_OPEN_SPAN_INTERVAL).
+    pub fn open_span_interval(mut self, interval: Duration) -> Self {
+        self.open_span_interval = Some(interval);
+        self
+    }
+
+    /// A task poll running longer than this is a stall (feature `watchdog`).
+    /// Default [`Self::DEFAULT_STALL_POLL_THRESHOLD`]; env
+    /// [`KMS_DIAG_STALL_POLL_THRESHOLD`](env::KMS_DIAG_STALL_POLL_THRESHOLD).
+    pub fn stall_poll_threshold(mut self, threshold: Duration) -> Self {
+        self.stall_poll_threshold = Some(threshold);
+        self
+    }
+
+    /// A heartbeat late by more than this is a stall (feature `watchdog`).
+    /// Default [`Self::DEFAULT_STALL_HEARTBEAT_THRESHOLD`]; env
+    /// [`KMS_DIAG_STALL_HEARTBEAT_THRESHOLD`](env::KMS_DIAG_STALL_HEARTBEAT_THRESHOLD).
+    pub fn stall_heartbeat_threshold(mut self, threshold: Duration) -> Self {
+        self.stall_heartbeat_threshold = Some(threshold);
+        self
+    }
+
+    /// How often parking_lot deadlocks are looked for (feature
+    /// `deadlock-detection`). Default [`Self::DEFAULT_DEADLOCK_CHECK_INTERVAL`];
+    /// env [`KMS_DIAG_DEADLOCK_INTERVAL`](env::KMS_DIAG_DEADLOCK_INTERVAL).
+    pub fn deadlock_check_interval(mut self, interval: Duration) -> Self {
+        self.deadlock_check_interval = Some(interval);
+        self
+    }
+
+    /// Runtime and task metrics interval (feature `runtime-metrics`). Default
+    /// [`Self::DEFAULT_METRICS_INTERVAL`]; env
+    /// [`KMS_DIAG_METRICS_INTERVAL`](env::KMS_DIAG_METRICS_INTERVAL).
+    pub fn metrics_interval(mut self, interval: Duration) -> Self {
+        self.metrics_interval = Some(interval);
+        self
+    }
+
+    /// Process facts interval (feature `process-facts`). Default
+    /// [`Self::DEFAULT_PROCESS_INTERVAL`]; env
+    /// [`KMS_DIAG_PROCESS_INTERVAL`](env::KMS_DIAG_PROCESS_INTERVAL).
+    pub fn process_interval(mut self, interval: Duration) -> Self {
+        self.process_interval = Some(interval);
+        self
+    }
+
+    /// The RPC port whose TCP connections process facts count. Default none;
+    /// env [`KMS_DIAG_LISTEN_PORT`](env::KMS_DIAG_LISTEN_PORT).
+    pub fn listen_port(mut self, port: u16) -> Self {
+        self.listen_port = Some(port);
+        self
+    }
+
+    /// Resolves the settings from code, the process environment and defaults.
+    ///
+    /// # Errors
+    ///
+    /// [`InitError::InvalidEnv`] for a variable that does not parse,
+    /// [`InitError::InvalidConfig`] for an invalid value set in code.
+    pub fn settings(&self) -> Result<Settings, InitError> {
+        self.settings_from(&env::process_env)
+    }
+
+    /// Like [`settings`](Self::settings), reading variables from `env`
+    /// instead of the process environment (for tests and embedding).
+    ///
+    /// # Errors
+    ///
+    /// As [`settings`](Self::settings).
+    pub fn settings_from(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, InitError> {
+        use env::*;
+        let env: Source<'_> = env;
+        let duration = |code: Option<Duration>,
+                        setter: &'static str,
+                        names: &[&'static str],
+                        default: Duration|
+         -> Result<Duration, InitError> {
+            match code {
+                Some(d) if d.is_zero() => Err(InitError::InvalidConfig {
+                    name: setter,
+                    reason: "must be greater than zero".into(),
+                }),
+                Some(d) => Ok(d),
+                None => Ok(env::duration(env, names)?.unwrap_or(default)),
+            }
+        };
+        let otlp_endpoint = match &self.otlp_endpoint {
+            Some(e) => {
+                env::check_endpoint(e).map_err(|()| InitError::InvalidConfig {
+                    name: "otlp_endpoint",
+                    reason: format!("{e:?} is not {ENDPOINT_FORM}"),
+                })?;
+                e.clone()
+            }
+            None => env::endpoint(env, &[KMS_DIAG_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT])?
+                .unwrap_or_else(|| Self::DEFAULT_OTLP_ENDPOINT.to_owned()),
+        };
+        let log_filter = match &self.log_filter {
+            Some(f) => {
+                crate::logs::check_filter(f).map_err(|reason| InitError::InvalidConfig {
+                    name: "log_filter",
+                    reason,
+                })?;
+                f.clone()
+            }
+            None => match env::first(env, &[KMS_DIAG_LOG, RUST_LOG]) {
+                Some((name, value)) => {
+                    crate::logs::check_filter(&value).map_err(|_| InitError::InvalidEnv {
+                        name,
+                        value: value.clone(),
+                        expected: "tracing-subscriber EnvFilter directives such as info,kms=debug",
+                    })?;
+                    value
+                }
+                None => Self::DEFAULT_LOG_FILTER.to_owned(),
+            },
+        };
+        let export_queue_capacity = match self.export_queue_capacity {
+            Some(0) => {
+                return Err(InitError::InvalidConfig {
+                    name: "export_queue_capacity",
+                    reason: "must be at least 1".into(),
+                })
+            }
+            Some(n) => n,
+            None => match env::integer::<usize>(
+                env,
+                &[KMS_DIAG_EXPORT_QUEUE],
+                "a positive number of items such as 4096",
+            )? {
+                Some(0) => {
+                    return Err(InitError::InvalidEnv {
+                        name: KMS_DIAG_EXPORT_QUEUE,
+                        value: "0".into(),
+                        expected: "a positive number of items such as 4096",
+                    })
+                }
+                Some(n) => n,
+                None => Self::DEFAULT_EXPORT_QUEUE_CAPACITY,
+            },
+        };
+        Ok(Settings {
+            service_name: self
+                .service_name
+                .clone()
+                .or_else(|| env::string(env, &[KMS_DIAG_SERVICE_NAME, OTEL_SERVICE_NAME]))
+                .unwrap_or_else(|| Self::DEFAULT_SERVICE_NAME.to_owned()),
+            service_version: self
+                .service_version
+                .clone()
+                .or_else(|| env::string(env, &[KMS_DIAG_SERVICE_VERSION]))
+                .unwrap_or_else(|| Self::DEFAULT_SERVICE_VERSION.to_owned()),
+            otlp: match self.otlp {
+                Some(b) => b,
+                None => env::boolean(env, &[KMS_DIAG_OTLP])?.unwrap_or(true),
+            },
+            otlp_endpoint,
+            export_queue_capacity,
+            export_timeout: duration(
+                self.export_timeout,
+                "export_timeout",
+                &[KMS_DIAG_EXPORT_TIMEOUT],
+                Self::DEFAULT_EXPORT_TIMEOUT,
+            )?,
+            console: match self.console {
+                Some(b) => b,
+                None => env::boolean(env, &[KMS_DIAG_CONSOLE])?.unwrap_or(true),
+            },
+            console_bind: match self.console_bind {
+                Some(a) => a,
+                None => env::socket_addr(env, &[KMS_DIAG_CONSOLE_BIND, TOKIO_CONSOLE_BIND])?
+                    .unwrap_or(Self::DEFAULT_CONSOLE_BIND),
+            },
+            console_retention: duration(
+                self.console_retention,
+                "console_retention",
+                &[KMS_DIAG_CONSOLE_RETENTION, TOKIO_CONSOLE_RETENTION],
+                Self::DEFAULT_CONSOLE_RETENTION,
+            )?,
+            log: self.log.unwrap_or(true),
+            log_filter,
+            open_span_threshold: duration(
+                self.open_span_threshold,
+                "open_span_threshold",
+                &[KMS_DIAG_OPEN_SPAN_THRESHOLD],
+                Self::DEFAULT_OPEN_SPAN_THRESHOLD,
+            )?,
+            open_span_interval: duration(
+                self.open_span_interval,
+                "open_span_interval",
+                &[KMS_DIAG_OPEN_SPAN_INTERVAL],
+                Self::DEFAULT_OPEN_SPAN_INTERVAL,
+            )?,
+            stall_poll_threshold: duration(
+                self.stall_poll_threshold,
+                "stall_poll_threshold",
+                &[KMS_DIAG_STALL_POLL_THRESHOLD],
+                Self::DEFAULT_STALL_POLL_THRESHOLD,
+            )?,
+            stall_heartbeat_threshold: duration(
+                self.stall_heartbeat_threshold,
+                "stall_heartbeat_threshold",
+                &[KMS_DIAG_STALL_HEARTBEAT_THRESHOLD],
+                Self::DEFAULT_STALL_HEARTBEAT_THRESHOLD,
+            )?,
+            deadlock_check_interval: duration(
+                self.deadlock_check_interval,
+                "deadlock_check_interval",
+                &[KMS_DIAG_DEADLOCK_INTERVAL],
+                Self::DEFAULT_DEADLOCK_CHECK_INTERVAL,
+            )?,
+            metrics_interval: duration(
+                self.metrics_interval,
+                "metrics_interval",
+                &[KMS_DIAG_METRICS_INTERVAL],
+                Self::DEFAULT_METRICS_INTERVAL,
+            )?,
+            process_interval: duration(
+                self.process_interval,
+                "process_interval",
+                &[KMS_DIAG_PROCESS_INTERVAL],
+                Self::DEFAULT_PROCESS_INTERVAL,
+            )?,
+            listen_port: match self.listen_port {
+                Some(p) => Some(p),
+                None => {
+                    env::integer::<u16>(env, &[KMS_DIAG_LISTEN_PORT], "a TCP port number 1-65535")?
+                }
+            },
+        })
+    }
+
+    /// Builds the composed layer and starts the diagnostic threads, without
+    /// installing anything globally: for a host that builds its own
+    /// subscriber. Add the layer to a [`Registry`]:
+    ///
+    /// ```no_run
+    /// use tracing_subscriber::prelude::*;
+    ///
+    /// let (layer, guard) = instrumented_kms::Builder::default().build()?;
+    /// tracing_subscriber::registry().with(layer).init();
+    /// # drop(guard);
+    /// # Ok::<(), instrumented_kms::InitError>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Invalid settings ([`InitError::InvalidEnv`],
+    /// [`InitError::InvalidConfig`]), a console address that cannot be bound,
+    /// or a thread the OS refused to start.
+    pub fn build(self) -> Result<(DiagLayer, DiagGuard), InitError> {
+        let settings = self.settings()?;
+        crate::guard::start(settings)
+    }
+
+    /// Builds everything and installs it as the global default subscriber.
+    /// Keep the returned guard alive; dropping it flushes and stops the
+    /// diagnostic threads.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build), plus [`InitError::AlreadyInitialized`] when
+    /// a global subscriber exists already.
+    pub fn init(self) -> Result<DiagGuard, InitError> {
+        let (layer, guard) = self.build()?;
+        tracing_subscriber::registry()
+            .with(layer)
+            .try_init()
+            .map_err(InitError::AlreadyInitialized)?;
+        guard.announce();
+        Ok(guard)
+    }
+}
