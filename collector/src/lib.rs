@@ -1,6 +1,7 @@
 //! kms-collector: receive, store, diagnose. Filled in by issue #3.
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+pub mod analyse;
 pub mod export;
 pub mod forward;
 pub mod probe;

@@ -3,6 +3,7 @@
 //! The schema is `schema.sql` (documented for operators in `docs/schema.md`).
 
 mod model;
+mod reader;
 mod sqlite;
 mod stage;
 mod writer;
@@ -12,6 +13,7 @@ pub use model::{
     MetricSample, ProbeAttempt, ProbeOutcome, SpanRow,
 };
 
+pub use reader::{DataBounds, ReadError, Reader, SqliteReader, TimeWindow};
 pub use sqlite::{count_rows, SqliteStore, SCHEMA_VERSION};
 pub use stage::{
     PendingWrite, StoreHandle, StoreStage, SubmitError, DEFAULT_MAX_GROUP, DEFAULT_QUEUE_CAPACITY,

@@ -1,0 +1,164 @@
+//! Pass 7, connections: open fds and CLOSE_WAIT growth against the fd limit
+//! (`kms.process`), accept errors (EMFILE in any log record), and whether
+//! requests still reach the handler while the probe fails (a `kms.request`
+//! span starts for every request the handler sees). fds near the limit or
+//! accept errors point at E; probe failures with no request span starting
+//! mean the requests are stuck before the handler.
+
+use serde::Serialize;
+
+use super::attrs::{i64_of, json_of};
+use super::stuck_io::REQUEST_SPAN;
+use super::{Context, Pass};
+use crate::store::{ReadError, TimeWindow};
+
+/// Body fragments of an accept failing for want of fds.
+const ACCEPT_ERRORS: [&str; 2] = ["Too many open files", "os error 24"];
+
+/// What the connections pass found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ConnectionFindings {
+    /// `kms.process` samples with an fd count.
+    pub samples: usize,
+    /// First open-fd count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_fds: Option<i64>,
+    /// Highest open-fd count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_fds: Option<i64>,
+    /// When it peaked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_ns: Option<i64>,
+    /// Last open-fd count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_fds: Option<i64>,
+    /// Soft RLIMIT_NOFILE (the last one reported).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd_limit: Option<i64>,
+    /// Peak fds / limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_ratio: Option<f64>,
+    /// True when the peak reached the near-limit fraction.
+    pub near_limit: bool,
+    /// Inbound CLOSE_WAIT connections on the listen port: first, peak, last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_wait: Option<[i64; 3]>,
+    /// Inbound ESTABLISHED connections: first, peak, last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub established: Option<[i64; 3]>,
+    /// Log records saying accept ran out of fds.
+    pub accept_errors: usize,
+    /// The first of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_accept_error_ns: Option<i64>,
+    /// `kms.request` spans that started in the failure window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_started_in_failure: Option<u64>,
+    /// Failed probe attempts in the failure window.
+    pub probe_failures_in_failure: usize,
+    /// Diagnostic samples received in the failure window (telemetry alive).
+    pub samples_in_failure: usize,
+    /// (time, open fds), for the timeline.
+    #[serde(skip)]
+    pub fd_series: Vec<(i64, i64)>,
+    /// (time, CLOSE_WAIT), for the timeline.
+    #[serde(skip)]
+    pub close_wait_series: Vec<(i64, i64)>,
+}
+
+impl ConnectionFindings {
+    /// True when the probe failed in the failure window, telemetry kept
+    /// arriving, and not one request span started: requests never reached
+    /// the handler.
+    pub fn requests_not_reaching_handler(&self) -> bool {
+        self.probe_failures_in_failure > 0
+            && self.samples_in_failure > 0
+            && self.requests_started_in_failure == Some(0)
+    }
+
+    /// True when fds or CLOSE_WAIT grew over the window (by half or more,
+    /// and by at least ten).
+    pub fn growing(&self) -> bool {
+        let grew = |first: i64, peak: i64| peak - first >= 10 && peak * 2 >= first * 3;
+        matches!((self.first_fds, self.peak_fds), (Some(a), Some(b)) if grew(a, b))
+            || matches!(self.close_wait, Some([a, b, _]) if grew(a, b))
+    }
+}
+
+/// The pass.
+#[derive(Debug)]
+pub(crate) struct Connections;
+
+fn first_peak_last(series: &[(i64, i64)]) -> Option<[i64; 3]> {
+    let first = series.first()?.1;
+    let last = series.last()?.1;
+    let peak = series.iter().map(|p| p.1).max()?;
+    Some([first, peak, last])
+}
+
+impl Pass for Connections {
+    fn name(&self) -> &'static str {
+        "connections"
+    }
+
+    fn run(&self, cx: &mut Context<'_>) -> Result<(), ReadError> {
+        let samples = cx.reader.events("kms.process", cx.window)?;
+        let failure = cx.failure_or_window();
+        let mut f = ConnectionFindings::default();
+        let mut established = Vec::new();
+        for s in &samples {
+            let a = &s.attributes;
+            if failure.contains(s.time_ns) {
+                f.samples_in_failure += 1;
+            }
+            if let Some(l) = i64_of(a, "process.fd_limit").filter(|l| *l > 0) {
+                f.fd_limit = Some(l);
+            }
+            if let Some(fds) = i64_of(a, "process.open_fds") {
+                f.fd_series.push((s.time_ns, fds));
+                if f.peak_fds.is_none_or(|p| fds > p) {
+                    f.peak_fds = Some(fds);
+                    f.peak_ns = Some(s.time_ns);
+                }
+            }
+            if let Some(inbound) = json_of(a, "tcp.inbound") {
+                let state = |k: &str| inbound.get(k).and_then(|v| v.as_i64()).unwrap_or(0);
+                f.close_wait_series.push((s.time_ns, state("CLOSE_WAIT")));
+                established.push((s.time_ns, state("ESTABLISHED")));
+            }
+        }
+        f.samples = f.fd_series.len();
+        f.first_fds = f.fd_series.first().map(|p| p.1);
+        f.last_fds = f.fd_series.last().map(|p| p.1);
+        if let (Some(peak), Some(limit)) = (f.peak_fds, f.fd_limit) {
+            let ratio = peak as f64 / limit as f64;
+            f.peak_ratio = Some((ratio * 1000.0).round() / 1000.0);
+            f.near_limit = ratio >= cx.config.fd_near_limit;
+        }
+        f.close_wait = first_peak_last(&f.close_wait_series);
+        f.established = first_peak_last(&established);
+        for needle in ACCEPT_ERRORS {
+            let errs = cx.reader.events_with_body(needle, cx.window, 10_000)?;
+            if errs.len() > f.accept_errors {
+                f.accept_errors = errs.len();
+                f.first_accept_error_ns = errs.first().map(|e| e.time_ns);
+            }
+        }
+        let probe_failures = cx
+            .diagnosis
+            .probe
+            .series
+            .iter()
+            .filter(|a| a.outcome != crate::store::ProbeOutcome::Ok && failure.contains(a.time_ns))
+            .count();
+        f.probe_failures_in_failure = probe_failures;
+        if cx.diagnosis.failure.is_some() {
+            f.requests_started_in_failure = Some(cx.reader.count_spans_started(
+                TimeWindow::new(failure.from_ns, failure.to_ns),
+                REQUEST_SPAN,
+            )?);
+        }
+        cx.diagnosis.connections = f;
+        Ok(())
+    }
+}

@@ -1,0 +1,229 @@
+//! Pass 5, async lock wait: tasks waiting on a tokio `Mutex`, `RwLock` or
+//! `Semaphore` past the threshold (tokio-console async ops, recorded by
+//! `serve --console`), and whether they wait on each other.
+//!
+//! tokio-console shows who *waits* on a lock, not who *holds* it. A cycle is
+//! therefore inferred, not seen: two or more tasks each wait, past the
+//! threshold, on a different lock that is held, and no stuck request is in
+//! an outbound call (so no holder is merely waiting on I/O). That is what an
+//! async deadlock between two handlers leaves behind, together with two
+//! request spans open and idle inside the handler while the heartbeat stays
+//! healthy; the verdict pass weighs those.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use super::attrs::{bool_of, i64_of, str_of};
+use super::{Context, Pass, WaitsOn};
+use crate::store::{ConsoleResourceRow, ReadError};
+
+/// One task waiting on one lock.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LockWait {
+    /// Console task id.
+    pub task_id: i64,
+    /// tokio task id, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokio_task_id: Option<i64>,
+    /// Task name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_name: Option<String>,
+    /// Where the task was spawned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spawn_location: Option<String>,
+    /// Task state (`idle` while it waits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_state: Option<String>,
+    /// Live wakers of the task (a waiter registered on the lock holds one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waker_count: Option<i64>,
+    /// Console resource id of the lock.
+    pub resource_id: i64,
+    /// `Mutex`, `RwLock`, `Semaphore`.
+    pub resource_type: String,
+    /// Where the lock was created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_location: Option<String>,
+    /// True when the lock was held (`locked`, or no permits left).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<bool>,
+    /// The waiting operation, e.g. `Mutex::lock`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// How long it has waited.
+    pub waited_ms: i64,
+}
+
+/// What the lock-wait pass found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LockWaitFindings {
+    /// Console snapshots in the window (0: console data missing).
+    pub console_snapshots: usize,
+    /// The snapshot judged (the newest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_ns: Option<i64>,
+    /// Waits past the threshold in that snapshot, one per task.
+    pub waits: Vec<LockWait>,
+    /// Threshold used.
+    pub threshold_ms: i64,
+    /// True when the waits look like a cycle (see the module docs).
+    pub cycle_suspected: bool,
+    /// Why, or why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cycle_reason: Option<String>,
+    /// Tasks console flags with `lost-waker`.
+    pub lost_waker_tasks: Vec<i64>,
+}
+
+/// The pass.
+#[derive(Debug)]
+pub(crate) struct LockWaitPass;
+
+fn lock_rank(r: &ConsoleResourceRow) -> Option<u8> {
+    let t = format!(
+        "{} {}",
+        r.concrete_type.as_deref().unwrap_or(""),
+        r.kind.as_deref().unwrap_or("")
+    )
+    .to_ascii_lowercase();
+    let internal = bool_of(&r.attributes, "is_internal").unwrap_or(false);
+    let rank = if t.contains("mutex") || t.contains("rwlock") {
+        3
+    } else if t.contains("semaphore") {
+        2
+    } else {
+        return None;
+    };
+    Some(if internal { rank - 1 } else { rank })
+}
+
+impl Pass for LockWaitPass {
+    fn name(&self) -> &'static str {
+        "lock_wait"
+    }
+
+    fn run(&self, cx: &mut Context<'_>) -> Result<(), ReadError> {
+        let threshold_ms =
+            i64::try_from(cx.config.lock_wait_threshold.as_millis()).unwrap_or(i64::MAX);
+        let times = cx.reader.console_snapshot_times(cx.window)?;
+        let mut f = LockWaitFindings {
+            console_snapshots: times.len(),
+            threshold_ms,
+            ..LockWaitFindings::default()
+        };
+        let Some(&latest) = times.last() else {
+            cx.diagnosis.lock_wait = f;
+            return Ok(());
+        };
+        let snap = cx.reader.console_snapshot(latest)?;
+        f.snapshot_ns = Some(latest);
+        f.lost_waker_tasks = snap
+            .tasks
+            .iter()
+            .filter(|t| {
+                t.warnings
+                    .iter()
+                    .any(|w| w.contains("lost-waker") || w.contains("lost waker"))
+            })
+            .map(|t| t.task_id)
+            .collect();
+        let resources: BTreeMap<i64, (&ConsoleResourceRow, u8)> = snap
+            .resources
+            .iter()
+            .filter_map(|r| lock_rank(r).map(|rank| (r.resource_id, (r, rank))))
+            .collect();
+        let tasks: BTreeMap<i64, _> = snap.tasks.iter().map(|t| (t.task_id, t)).collect();
+        // One wait per task: the most specific lock it waits on.
+        let mut per_task: BTreeMap<i64, (u8, LockWait)> = BTreeMap::new();
+        for op in &snap.async_ops {
+            let (Some(task_id), Some(rid)) = (op.task_id, op.resource_id) else {
+                continue;
+            };
+            let Some(&(res, rank)) = resources.get(&rid) else {
+                continue;
+            };
+            let waited_ns = op.busy_ns.unwrap_or(0) + op.idle_ns.unwrap_or(0);
+            let waited_ms = waited_ns / 1_000_000;
+            if waited_ms < threshold_ms {
+                continue;
+            }
+            let held = bool_of(&res.attributes, "locked")
+                .or_else(|| i64_of(&res.attributes, "permits").map(|p| p == 0));
+            let task = tasks.get(&task_id);
+            let wait = LockWait {
+                task_id,
+                tokio_task_id: task.and_then(|t| t.tokio_task_id),
+                task_name: task.and_then(|t| t.name.clone()),
+                spawn_location: task.and_then(|t| t.spawn_location.clone()),
+                task_state: task.map(|t| t.state.clone()),
+                waker_count: task.and_then(|t| t.waker_count),
+                resource_id: rid,
+                resource_type: res
+                    .concrete_type
+                    .clone()
+                    .or_else(|| res.kind.clone())
+                    .unwrap_or_else(|| "lock".into()),
+                resource_location: res
+                    .location
+                    .clone()
+                    .or_else(|| str_of(&res.attributes, "location")),
+                held,
+                source: op.source.clone(),
+                waited_ms,
+            };
+            match per_task.get(&task_id) {
+                Some((r, w)) if (*r, w.waited_ms) >= (rank, waited_ms) => {}
+                _ => {
+                    per_task.insert(task_id, (rank, wait));
+                }
+            }
+        }
+        f.waits = per_task.into_values().map(|(_, w)| w).collect();
+        let held_waits: Vec<&LockWait> = f.waits.iter().filter(|w| w.held != Some(false)).collect();
+        let locks: BTreeSet<i64> = held_waits.iter().map(|w| w.resource_id).collect();
+        let outbound_stuck = cx
+            .diagnosis
+            .stuck
+            .iter()
+            .filter(|s| s.waits_on != WaitsOn::Handler)
+            .count();
+        (f.cycle_suspected, f.cycle_reason) = if f.waits.is_empty() {
+            (false, None)
+        } else if locks.len() < 2 || held_waits.len() < 2 {
+            (
+                false,
+                Some(format!(
+                    "{} task(s) wait on {} held lock(s): contention, not a cycle (a cycle needs two tasks each waiting on a different held lock)",
+                    held_waits.len(),
+                    locks.len()
+                )),
+            )
+        } else if outbound_stuck > 0 {
+            (
+                false,
+                Some(format!(
+                    "{} tasks wait on {} different held locks, but {outbound_stuck} stuck request(s) sit in outbound calls and may hold them",
+                    held_waits.len(),
+                    locks.len()
+                )),
+            )
+        } else {
+            (
+                true,
+                Some(format!(
+                    "{} tasks wait on {} different held locks ({}) and no stuck request is in an outbound call: each lock's holder is itself waiting",
+                    held_waits.len(),
+                    locks.len(),
+                    locks
+                        .iter()
+                        .map(|id| format!("resource {id}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            )
+        };
+        cx.diagnosis.lock_wait = f;
+        Ok(())
+    }
+}

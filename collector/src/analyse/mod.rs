@@ -1,0 +1,212 @@
+//! Diagnosis: an ordered list of small passes that turn stored facts into
+//! findings, then into a verdict per hypothesis.
+//!
+//! The hypotheses (issue #3):
+//!
+//! | | hypothesis | confirmed by |
+//! |---|---|---|
+//! | A | attestation / PCCS call hangs | a stuck request whose innermost open span is `kms.outbound` with `kms.peer = attestation` |
+//! | B | auth webhook / Ethereum RPC hangs | the same with `kms.peer = auth_webhook` |
+//! | C | memory exhaustion | RSS near its limit |
+//! | D | async runtime deadlocked or stalled | a poll or heartbeat stall, a parking_lot deadlock cycle, or an async lock cycle |
+//! | E | connection / fd exhaustion | open fds near the fd limit, or accept errors (EMFILE) |
+//!
+//! Each pass lives in its own file and reads only what it needs through a
+//! [`Reader`]; the order is [`standard_passes`]. Like Jaeger's query
+//! adjusters, a pass only adds to the [`Diagnosis`] the earlier ones built.
+//! Every rule is stated in terms of `docs/wire-format.md`, never in terms of
+//! a particular program.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::store::{ReadError, Reader, TimeWindow};
+
+mod attrs;
+mod connections;
+mod deadlock;
+mod evidence;
+mod lock_wait;
+mod memory;
+mod probe;
+mod stall;
+mod stuck_io;
+mod verdict;
+
+pub use connections::ConnectionFindings;
+pub use deadlock::{DeadlockCycle, DeadlockFindings, DeadlockThread};
+pub use evidence::{fmt_time, Evidence, Hypothesis, Verdict, HYPOTHESES};
+pub use lock_wait::{LockWait, LockWaitFindings};
+pub use memory::MemoryFindings;
+pub use probe::{FailureWindow, ProbeSummary};
+pub use stall::{StallEpisode, StallFindings};
+pub use stuck_io::{Innermost, StuckSpan, WaitsOn};
+
+/// Thresholds of the diagnosis. Every default is a public associated const.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalyseConfig {
+    /// Heartbeat lag above which the runtime counts as stalled.
+    pub heartbeat_lag_threshold: Duration,
+    /// An open-span snapshot counts as a stuck request only once open this long.
+    pub stuck_threshold: Duration,
+    /// An async lock wait counts once it has lasted this long.
+    pub lock_wait_threshold: Duration,
+    /// RSS at or above this fraction of the memory limit confirms C.
+    pub memory_near_limit: f64,
+    /// Open fds at or above this fraction of the fd limit confirm E.
+    pub fd_near_limit: f64,
+}
+
+impl AnalyseConfig {
+    /// Default heartbeat lag threshold: 2 s, the library's default
+    /// `stall_heartbeat_threshold`.
+    pub const DEFAULT_HEARTBEAT_LAG_THRESHOLD: Duration = Duration::from_secs(2);
+    /// Default stuck threshold: 0, i.e. trust the producer, which only
+    /// snapshots spans open past its own `KMS_DIAG_OPEN_SPAN_THRESHOLD`.
+    pub const DEFAULT_STUCK_THRESHOLD: Duration = Duration::ZERO;
+    /// Default async lock wait threshold: 5 s.
+    pub const DEFAULT_LOCK_WAIT_THRESHOLD: Duration = Duration::from_secs(5);
+    /// Default memory fraction: 0.8.
+    pub const DEFAULT_MEMORY_NEAR_LIMIT: f64 = 0.8;
+    /// Default fd fraction: 0.9.
+    pub const DEFAULT_FD_NEAR_LIMIT: f64 = 0.9;
+}
+
+impl Default for AnalyseConfig {
+    fn default() -> Self {
+        AnalyseConfig {
+            heartbeat_lag_threshold: Self::DEFAULT_HEARTBEAT_LAG_THRESHOLD,
+            stuck_threshold: Self::DEFAULT_STUCK_THRESHOLD,
+            lock_wait_threshold: Self::DEFAULT_LOCK_WAIT_THRESHOLD,
+            memory_near_limit: Self::DEFAULT_MEMORY_NEAR_LIMIT,
+            fd_near_limit: Self::DEFAULT_FD_NEAR_LIMIT,
+        }
+    }
+}
+
+/// Why the diagnosis failed: only a store that cannot be read stops it;
+/// missing data make verdicts inconclusive instead.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AnalyseError {
+    /// A pass could not read the store.
+    #[error("pass {pass}: {source}")]
+    Read {
+        /// The pass.
+        pass: &'static str,
+        /// The read error.
+        #[source]
+        source: ReadError,
+    },
+}
+
+/// Everything the passes found, in the order they ran.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Diagnosis {
+    /// Stuck requests (open-span snapshots), oldest first.
+    pub stuck: Vec<StuckSpan>,
+    /// The GetMeta probe's record and when it began failing.
+    pub probe: ProbeSummary,
+    /// When the KMS was failing: from the probe, else from the stuck requests.
+    pub failure: Option<FailureWindow>,
+    /// Runtime stalls and heartbeat health.
+    pub stall: StallFindings,
+    /// parking_lot deadlock cycles.
+    pub deadlock: DeadlockFindings,
+    /// Async lock waits (tokio-console) and suspected cycles.
+    pub lock_wait: LockWaitFindings,
+    /// RSS against its limit.
+    pub memory: MemoryFindings,
+    /// fds, connections, accept errors, requests reaching the handler.
+    pub connections: ConnectionFindings,
+    /// Verdicts, keyed `A` to `E`.
+    pub hypotheses: std::collections::BTreeMap<String, Hypothesis>,
+}
+
+/// What a pass sees: the store, the thresholds, the analysed window, and
+/// what the earlier passes found.
+pub struct Context<'a> {
+    /// The store.
+    pub reader: &'a dyn Reader,
+    /// Thresholds.
+    pub config: &'a AnalyseConfig,
+    /// The analysed window.
+    pub window: TimeWindow,
+    /// Findings so far.
+    pub diagnosis: Diagnosis,
+}
+
+impl std::fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .field("window", &self.window)
+            .field("diagnosis", &self.diagnosis)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context<'_> {
+    /// The window the hang covers: the failure window if one was found, else
+    /// the whole analysed window.
+    pub fn failure_or_window(&self) -> TimeWindow {
+        self.diagnosis
+            .failure
+            .as_ref()
+            .map(|f| TimeWindow::new(f.from_ns, f.to_ns))
+            .unwrap_or(self.window)
+    }
+}
+
+/// One diagnosis step: reads facts, adds findings.
+pub trait Pass: std::fmt::Debug {
+    /// Short name, used in errors.
+    fn name(&self) -> &'static str;
+    /// Adds this pass's findings to `cx.diagnosis`.
+    ///
+    /// # Errors
+    ///
+    /// A read error from the store.
+    fn run(&self, cx: &mut Context<'_>) -> Result<(), ReadError>;
+}
+
+/// The passes, in order: stuck requests, probe (and the failure window),
+/// stall, deadlock, async lock wait, memory, connections, then the verdicts.
+pub fn standard_passes() -> Vec<Box<dyn Pass>> {
+    vec![
+        Box::new(stuck_io::StuckIo),
+        Box::new(probe::Probe),
+        Box::new(stall::Stall),
+        Box::new(deadlock::Deadlock),
+        Box::new(lock_wait::LockWaitPass),
+        Box::new(memory::Memory),
+        Box::new(connections::Connections),
+        Box::new(verdict::Verdicts),
+    ]
+}
+
+/// Runs [`standard_passes`] over `window` of the store.
+///
+/// # Errors
+///
+/// [`AnalyseError::Read`] when the store cannot be read.
+pub fn analyse(
+    reader: &dyn Reader,
+    config: &AnalyseConfig,
+    window: TimeWindow,
+) -> Result<Diagnosis, AnalyseError> {
+    let mut cx = Context {
+        reader,
+        config,
+        window,
+        diagnosis: Diagnosis::default(),
+    };
+    for pass in standard_passes() {
+        pass.run(&mut cx).map_err(|source| AnalyseError::Read {
+            pass: pass.name(),
+            source,
+        })?;
+    }
+    Ok(cx.diagnosis)
+}

@@ -1,0 +1,499 @@
+//! Reading the store: the [`Reader`] trait the diagnosis and the exports use,
+//! and its SQLite implementation on a read-only connection.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
+use serde_json::Value;
+
+use super::model::{
+    ConsoleAsyncOpRow, ConsoleResourceRow, ConsoleSnapshot, ConsoleTaskRow, EventRow, ProbeAttempt,
+    ProbeOutcome, SpanRow,
+};
+
+/// A closed interval of Unix nanoseconds, `[from_ns, to_ns]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TimeWindow {
+    /// First instant included.
+    pub from_ns: i64,
+    /// Last instant included.
+    pub to_ns: i64,
+}
+
+impl TimeWindow {
+    /// Everything ever stored.
+    pub const ALL: TimeWindow = TimeWindow {
+        from_ns: i64::MIN,
+        to_ns: i64::MAX,
+    };
+
+    /// A window from `from_ns` to `to_ns` (both included).
+    pub fn new(from_ns: i64, to_ns: i64) -> Self {
+        TimeWindow { from_ns, to_ns }
+    }
+
+    /// True when `t` lies inside the window.
+    pub fn contains(&self, t: i64) -> bool {
+        self.from_ns <= t && t <= self.to_ns
+    }
+
+    /// True when `[start, end]` overlaps the window.
+    pub fn overlaps(&self, start: i64, end: i64) -> bool {
+        start <= self.to_ns && end >= self.from_ns
+    }
+}
+
+/// What the store holds, in time: the first and last instants of any stored
+/// fact (span start or snapshot time, event, probe attempt, console snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DataBounds {
+    /// Earliest stored instant.
+    pub first_ns: i64,
+    /// Latest stored instant.
+    pub last_ns: i64,
+}
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The store file could not be opened.
+    #[error("opening store {path} read-only: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file opened but is not a kms-collector store (no `spans` table).
+    #[error("{path} is not a kms-collector store (no spans table)")]
+    NotAStore {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A query failed.
+    #[error("reading the store: {0}")]
+    Query(#[from] rusqlite::Error),
+}
+
+/// Read access to stored telemetry.
+///
+/// # What a reader may assume
+///
+/// - Spans are merged by `(trace_id, span_id)` as `docs/wire-format.md`
+///   states: at most one row per span; a closed span (`incomplete == false`)
+///   is final; an `incomplete` row is the newest open-span snapshot seen and
+///   its `end_ns` is the snapshot time (the span was still open then).
+/// - Times are Unix nanoseconds from the producer's clock (probe attempts and
+///   console snapshots: the collector's clock, which on a CVM host is the
+///   same machine or close to it). Ids are lowercase hex.
+/// - Every method returns a consistent view of one moment: a result never
+///   holds half of an ingested batch (the writer commits a batch atomically).
+/// - Results are ordered as each method says; windows are inclusive.
+/// - Data may be missing (sampling, drops, a feature not compiled in): an
+///   empty result means "nothing stored", never "nothing happened".
+///   Attribute JSON that fails to parse reads as an empty object.
+///
+/// Implementations read only; they never change the store.
+pub trait Reader {
+    /// First and last instants of stored facts, or `None` for an empty store.
+    fn bounds(&self) -> Result<Option<DataBounds>, ReadError>;
+
+    /// Open-span snapshots (`incomplete`) whose open interval
+    /// `[start_ns, end_ns]` overlaps `window`, oldest start first.
+    fn incomplete_spans(&self, window: TimeWindow) -> Result<Vec<SpanRow>, ReadError>;
+
+    /// All spans of one trace, oldest start first.
+    fn trace(&self, trace_id: &str) -> Result<Vec<SpanRow>, ReadError>;
+
+    /// Spans named `name` that started inside `window`, oldest first, at most
+    /// `limit` of them.
+    fn spans_started(
+        &self,
+        window: TimeWindow,
+        name: &str,
+        limit: usize,
+    ) -> Result<Vec<SpanRow>, ReadError>;
+
+    /// How many spans named `name` started inside `window`.
+    fn count_spans_started(&self, window: TimeWindow, name: &str) -> Result<u64, ReadError>;
+
+    /// All spans that started inside `window`, oldest first, at most `limit`.
+    fn spans(&self, window: TimeWindow, limit: usize) -> Result<Vec<SpanRow>, ReadError>;
+
+    /// Events named `name` inside `window`, oldest first.
+    fn events(&self, name: &str, window: TimeWindow) -> Result<Vec<EventRow>, ReadError>;
+
+    /// Events inside `window` whose body contains `needle` (any name), oldest
+    /// first, at most `limit`.
+    fn events_with_body(
+        &self,
+        needle: &str,
+        window: TimeWindow,
+        limit: usize,
+    ) -> Result<Vec<EventRow>, ReadError>;
+
+    /// Probe attempts started inside `window`, oldest first.
+    fn probe_attempts(&self, window: TimeWindow) -> Result<Vec<ProbeAttempt>, ReadError>;
+
+    /// Times of the console snapshots inside `window`, oldest first.
+    fn console_snapshot_times(&self, window: TimeWindow) -> Result<Vec<i64>, ReadError>;
+
+    /// The console snapshot taken at `snapshot_ns` (empty if none).
+    fn console_snapshot(&self, snapshot_ns: i64) -> Result<ConsoleSnapshot, ReadError>;
+}
+
+/// A [`Reader`] on a SQLite store file, through a read-only connection.
+#[derive(Debug)]
+pub struct SqliteReader {
+    conn: Connection,
+}
+
+const SPAN_COLUMNS: &str = "trace_id, span_id, parent_span_id, name, kind, service, scope, \
+     start_ns, end_ns, status_code, status_message, incomplete, snapshot_seq, attributes, \
+     events, resource, received_ns";
+
+const EVENT_COLUMNS: &str =
+    "time_ns, name, severity, trace_id, span_id, service, body, attributes, received_ns";
+
+impl SqliteReader {
+    /// Opens the store at `path` read-only. The file must exist and hold the
+    /// schema (`SCHEMA_SQL`); a collector may be writing it at the same time
+    /// (WAL mode lets readers and the writer proceed together).
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError::Open`] when SQLite cannot open the file,
+    /// [`ReadError::NotAStore`] when it has no `spans` table.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ReadError> {
+        let path = path.as_ref();
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| ReadError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_connection(conn).map_err(|e| match e {
+            ReadError::NotAStore { .. } => ReadError::NotAStore {
+                path: path.to_owned(),
+            },
+            other => other,
+        })
+    }
+
+    /// Wraps an already open connection (read-write connections work too;
+    /// this reader never writes through it).
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError::NotAStore`] when the database has no `spans` table.
+    pub fn from_connection(conn: Connection) -> Result<Self, ReadError> {
+        let has_spans: Option<i64> = conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'spans'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if has_spans.is_none() {
+            return Err(ReadError::NotAStore {
+                path: PathBuf::from(conn.path().unwrap_or("")),
+            });
+        }
+        // Large scans for the report: give SQLite room, keep temp data in memory.
+        conn.execute_batch("PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;")?;
+        Ok(SqliteReader { conn })
+    }
+}
+
+fn json(text: Option<String>, empty: &str) -> Value {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| serde_json::from_str(empty).unwrap_or(Value::Null))
+}
+
+fn span_row(r: &Row<'_>) -> rusqlite::Result<SpanRow> {
+    Ok(SpanRow {
+        trace_id: r.get(0)?,
+        span_id: r.get(1)?,
+        parent_span_id: r.get(2)?,
+        name: r.get(3)?,
+        kind: r.get(4)?,
+        service: r.get(5)?,
+        scope: r.get(6)?,
+        start_ns: r.get(7)?,
+        end_ns: r.get(8)?,
+        status_code: r.get(9)?,
+        status_message: r.get(10)?,
+        incomplete: r.get::<_, i64>(11)? != 0,
+        snapshot_seq: r.get(12)?,
+        attributes: json(r.get(13)?, "{}"),
+        events: json(r.get(14)?, "[]"),
+        resource: json(r.get(15)?, "{}"),
+        received_ns: r.get(16)?,
+    })
+}
+
+fn event_row(r: &Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        time_ns: r.get(0)?,
+        name: r.get(1)?,
+        severity: r.get(2)?,
+        trace_id: r.get(3)?,
+        span_id: r.get(4)?,
+        service: r.get(5)?,
+        body: r.get(6)?,
+        attributes: json(r.get(7)?, "{}"),
+        received_ns: r.get(8)?,
+    })
+}
+
+fn probe_row(r: &Row<'_>) -> rusqlite::Result<ProbeAttempt> {
+    let outcome: String = r.get(3)?;
+    let status: Option<i64> = r.get(4)?;
+    Ok(ProbeAttempt {
+        time_ns: r.get(0)?,
+        target: r.get(1)?,
+        latency_ms: r.get(2)?,
+        outcome: ProbeOutcome::parse(&outcome).unwrap_or(ProbeOutcome::Other),
+        http_status: status.and_then(|s| u16::try_from(s).ok()),
+        error: r.get(5)?,
+    })
+}
+
+fn to_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+impl Reader for SqliteReader {
+    fn bounds(&self) -> Result<Option<DataBounds>, ReadError> {
+        // Each part is answered from an index (or a small table), so this
+        // stays cheap on a store with millions of spans.
+        // One aggregate per query, so SQLite answers MIN/MAX from an index
+        // (or a small table): cheap on a store with millions of spans.
+        let parts = [
+            (
+                "SELECT MIN(start_ns) FROM spans",
+                "SELECT MAX(start_ns) FROM spans",
+            ),
+            (
+                "SELECT MIN(start_ns) FROM spans WHERE incomplete = 1",
+                "SELECT MAX(end_ns) FROM spans WHERE incomplete = 1",
+            ),
+            (
+                "SELECT MIN(time_ns) FROM events",
+                "SELECT MAX(time_ns) FROM events",
+            ),
+            (
+                "SELECT MIN(time_ns) FROM probe_attempts",
+                "SELECT MAX(time_ns) FROM probe_attempts",
+            ),
+            (
+                "SELECT MIN(snapshot_ns) FROM console_tasks",
+                "SELECT MAX(snapshot_ns) FROM console_tasks",
+            ),
+        ];
+        let mut bounds: Option<DataBounds> = None;
+        for (lo_sql, hi_sql) in parts {
+            let lo: Option<i64> = self.conn.query_row(lo_sql, [], |r| r.get(0))?;
+            let hi: Option<i64> = self.conn.query_row(hi_sql, [], |r| r.get(0))?;
+            if let (Some(lo), Some(hi)) = (lo, hi) {
+                bounds = Some(match bounds {
+                    None => DataBounds {
+                        first_ns: lo,
+                        last_ns: hi,
+                    },
+                    Some(b) => DataBounds {
+                        first_ns: b.first_ns.min(lo),
+                        last_ns: b.last_ns.max(hi),
+                    },
+                });
+            }
+        }
+        Ok(bounds)
+    }
+
+    fn incomplete_spans(&self, window: TimeWindow) -> Result<Vec<SpanRow>, ReadError> {
+        let sql = format!(
+            "SELECT {SPAN_COLUMNS} FROM spans WHERE incomplete = 1 \
+             AND start_ns <= ?1 AND end_ns >= ?2 ORDER BY start_ns, trace_id, span_id"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![window.to_ns, window.from_ns], span_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn trace(&self, trace_id: &str) -> Result<Vec<SpanRow>, ReadError> {
+        let sql = format!(
+            "SELECT {SPAN_COLUMNS} FROM spans WHERE trace_id = ?1 ORDER BY start_ns, span_id"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![trace_id.to_ascii_lowercase()], span_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn spans_started(
+        &self,
+        window: TimeWindow,
+        name: &str,
+        limit: usize,
+    ) -> Result<Vec<SpanRow>, ReadError> {
+        let sql = format!(
+            "SELECT {SPAN_COLUMNS} FROM spans WHERE start_ns BETWEEN ?1 AND ?2 AND name = ?3 \
+             ORDER BY start_ns, trace_id, span_id LIMIT ?4"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(
+            params![window.from_ns, window.to_ns, name, to_limit(limit)],
+            span_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn count_spans_started(&self, window: TimeWindow, name: &str) -> Result<u64, ReadError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM spans WHERE start_ns BETWEEN ?1 AND ?2 AND name = ?3",
+            params![window.from_ns, window.to_ns, name],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    fn spans(&self, window: TimeWindow, limit: usize) -> Result<Vec<SpanRow>, ReadError> {
+        let sql = format!(
+            "SELECT {SPAN_COLUMNS} FROM spans WHERE start_ns BETWEEN ?1 AND ?2 \
+             ORDER BY start_ns, trace_id, span_id LIMIT ?3"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(
+            params![window.from_ns, window.to_ns, to_limit(limit)],
+            span_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn events(&self, name: &str, window: TimeWindow) -> Result<Vec<EventRow>, ReadError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE name = ?1 AND time_ns BETWEEN ?2 AND ?3 \
+             ORDER BY time_ns, id"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![name, window.from_ns, window.to_ns], event_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn events_with_body(
+        &self,
+        needle: &str,
+        window: TimeWindow,
+        limit: usize,
+    ) -> Result<Vec<EventRow>, ReadError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE time_ns BETWEEN ?1 AND ?2 \
+             AND instr(body, ?3) > 0 ORDER BY time_ns, id LIMIT ?4"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(
+            params![window.from_ns, window.to_ns, needle, to_limit(limit)],
+            event_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn probe_attempts(&self, window: TimeWindow) -> Result<Vec<ProbeAttempt>, ReadError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT time_ns, target, latency_ms, outcome, http_status, error FROM probe_attempts \
+             WHERE time_ns BETWEEN ?1 AND ?2 ORDER BY time_ns, id",
+        )?;
+        let rows = stmt.query_map(params![window.from_ns, window.to_ns], probe_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn console_snapshot_times(&self, window: TimeWindow) -> Result<Vec<i64>, ReadError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT snapshot_ns FROM console_tasks WHERE snapshot_ns BETWEEN ?1 AND ?2 \
+             UNION SELECT DISTINCT snapshot_ns FROM console_async_ops \
+             WHERE snapshot_ns BETWEEN ?1 AND ?2 ORDER BY 1",
+        )?;
+        let rows = stmt.query_map(params![window.from_ns, window.to_ns], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn console_snapshot(&self, snapshot_ns: i64) -> Result<ConsoleSnapshot, ReadError> {
+        let mut tasks_stmt = self.conn.prepare_cached(
+            "SELECT task_id, tokio_task_id, name, kind, spawn_location, fields, state, polls, \
+             busy_ns, idle_ns, scheduled_ns, wakes, waker_count, last_poll_started_ns, \
+             last_poll_ended_ns, warnings FROM console_tasks WHERE snapshot_ns = ?1 ORDER BY task_id",
+        )?;
+        let tasks = tasks_stmt
+            .query_map(params![snapshot_ns], |r| {
+                let warnings = json(r.get(15)?, "[]");
+                Ok(ConsoleTaskRow {
+                    task_id: r.get(0)?,
+                    tokio_task_id: r.get(1)?,
+                    name: r.get(2)?,
+                    kind: r.get(3)?,
+                    spawn_location: r.get(4)?,
+                    fields: json(r.get(5)?, "{}"),
+                    state: r.get(6)?,
+                    polls: r.get(7)?,
+                    busy_ns: r.get(8)?,
+                    idle_ns: r.get(9)?,
+                    scheduled_ns: r.get(10)?,
+                    wakes: r.get(11)?,
+                    waker_count: r.get(12)?,
+                    last_poll_started_ns: r.get(13)?,
+                    last_poll_ended_ns: r.get(14)?,
+                    warnings: warnings
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|w| w.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut res_stmt = self.conn.prepare_cached(
+            "SELECT resource_id, concrete_type, kind, location, attributes FROM console_resources \
+             WHERE snapshot_ns = ?1 ORDER BY resource_id",
+        )?;
+        let resources = res_stmt
+            .query_map(params![snapshot_ns], |r| {
+                Ok(ConsoleResourceRow {
+                    resource_id: r.get(0)?,
+                    concrete_type: r.get(1)?,
+                    kind: r.get(2)?,
+                    location: r.get(3)?,
+                    attributes: json(r.get(4)?, "{}"),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ops_stmt = self.conn.prepare_cached(
+            "SELECT async_op_id, resource_id, task_id, source, polls, busy_ns, idle_ns \
+             FROM console_async_ops WHERE snapshot_ns = ?1 ORDER BY async_op_id",
+        )?;
+        let async_ops = ops_stmt
+            .query_map(params![snapshot_ns], |r| {
+                Ok(ConsoleAsyncOpRow {
+                    async_op_id: r.get(0)?,
+                    resource_id: r.get(1)?,
+                    task_id: r.get(2)?,
+                    source: r.get(3)?,
+                    polls: r.get(4)?,
+                    busy_ns: r.get(5)?,
+                    idle_ns: r.get(6)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ConsoleSnapshot {
+            snapshot_ns,
+            tasks,
+            resources,
+            async_ops,
+        })
+    }
+}
