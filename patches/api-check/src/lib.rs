@@ -15,7 +15,7 @@
 //! | here | patch | upstream location |
 //! |---|---|---|
 //! | [`debug_main`] | 0002 | `kms/src/main.rs`, debug `main` |
-//! | [`traced_dispatch`] | 0002, 0004 | `ra-rpc/src/rocket_helper.rs`, `PrpcHandler::handle` |
+//! | [`traced_dispatch`], [`monitored_method`] | 0002, 0004 | `ra-rpc/src/rocket_helper.rs`, `PrpcHandler::handle` |
 //! | [`outbound`], [`Peer`] | 0003 | `ra-rpc/src/diag.rs` |
 #![warn(
     missing_docs,
@@ -100,6 +100,9 @@ pub struct PrpcRequest<'r> {
     pub remote_addr: Option<SocketAddr>,
     /// `Request::version() == Some(HttpVersion::Http2)`.
     pub http2: bool,
+    /// The service's method table, `<Call::PrpcService as Service>::methods()`,
+    /// e.g. `["KMS.GetMeta", ...]`.
+    pub service_methods: &'static [&'static str],
 }
 
 /// Patches 0002 and 0004, `ra-rpc/src/rocket_helper.rs`: `handle` opens the
@@ -112,7 +115,7 @@ where
 {
     use tracing::Instrument;
     let span = request_span(request);
-    let rpc_method = rpc_method(request);
+    let rpc_method = monitored_method(request);
     let dispatch = dispatch.instrument(span.clone());
     let response = instrumented_kms::monitor_rpc(rpc_method, dispatch).await;
     instrumented_kms::record_status(&span, response);
@@ -124,6 +127,18 @@ fn rpc_method<'r>(request: &PrpcRequest<'r>) -> &'r str {
     request
         .method
         .trim_start_matches(request.method_trim_prefix.unwrap_or_default())
+}
+
+/// Patch 0004: the name the task monitors are keyed by, a `&'static str`
+/// from the service's method table; `unknown` for any other name.
+pub fn monitored_method(request: &PrpcRequest<'_>) -> &'static str {
+    let prefix = request.method_trim_prefix.unwrap_or_default();
+    let methods = request.service_methods;
+    let found = methods
+        .iter()
+        .map(|method| (*method).trim_start_matches(prefix))
+        .find(|method| *method == rpc_method(request));
+    found.unwrap_or("unknown")
 }
 
 /// Patch 0002: the `kms.request` span of a prpc call.

@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use patch_api_check::{outbound, traced_dispatch, Peer, PrpcRequest};
+use patch_api_check::{monitored_method, outbound, traced_dispatch, Peer, PrpcRequest};
 use tracing::{
     field::{Field, Visit},
     span,
@@ -29,8 +29,10 @@ struct FieldVisitor<'a>(&'a mut HashMap<String, String>);
 
 impl Visit for FieldVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), format!("{value:?}").trim_matches('"').to_owned());
+        self.0.insert(
+            field.name().to_owned(),
+            format!("{value:?}").trim_matches('"').to_owned(),
+        );
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         self.0.insert(field.name().to_owned(), value.to_owned());
@@ -85,9 +87,12 @@ fn with_recorder<T>(fut: impl std::future::Future<Output = T>) -> (T, Recorder) 
 fn outbound_passes_results_through_and_names_the_peer() {
     let url = "http://user:secret@127.0.0.1:9/bootAuth/app?token=abc";
     let ((ok, err), recorder) = with_recorder(async {
-        let ok = outbound(Peer::AuthWebhook, "is_app_allowed", Some(("POST", url)), async {
-            Ok::<_, String>(7)
-        })
+        let ok = outbound(
+            Peer::AuthWebhook,
+            "is_app_allowed",
+            Some(("POST", url)),
+            async { Ok::<_, String>(7) },
+        )
         .await;
         let err = outbound(Peer::Attestation, "verify_quote", None, async {
             Err::<u32, _>("pccs unreachable".to_owned())
@@ -99,17 +104,32 @@ fn outbound_passes_results_through_and_names_the_peer() {
     assert_eq!(err, Err("pccs unreachable".to_owned()));
 
     let spans = recorder.0.lock().unwrap();
-    let outbound: Vec<_> = spans.values().filter(|s| s.name == "kms.outbound").collect();
+    let outbound: Vec<_> = spans
+        .values()
+        .filter(|s| s.name == "kms.outbound")
+        .collect();
     assert_eq!(outbound.len(), 2, "two outbound spans: {spans:#?}");
     let webhook = outbound
         .iter()
         .find(|s| s.fields.get("kms.peer").map(String::as_str) == Some("auth_webhook"))
         .expect("auth_webhook span");
-    assert_eq!(webhook.fields.get("kms.call").map(String::as_str), Some("is_app_allowed"));
-    assert_eq!(webhook.fields.get("url.path").map(String::as_str), Some("/bootAuth/app"));
+    assert_eq!(
+        webhook.fields.get("kms.call").map(String::as_str),
+        Some("is_app_allowed")
+    );
+    assert_eq!(
+        webhook.fields.get("url.path").map(String::as_str),
+        Some("/bootAuth/app")
+    );
     let everything = format!("{spans:?}");
-    assert!(!everything.contains("secret"), "credentials leaked: {everything}");
-    assert!(!everything.contains("token=abc"), "query leaked: {everything}");
+    assert!(
+        !everything.contains("secret"),
+        "credentials leaked: {everything}"
+    );
+    assert!(
+        !everything.contains("token=abc"),
+        "query leaked: {everything}"
+    );
     let attestation = outbound
         .iter()
         .find(|s| s.fields.get("kms.peer").map(String::as_str) == Some("attestation"))
@@ -130,13 +150,17 @@ fn traced_dispatch_opens_the_request_span_and_records_the_status() {
         is_get: false,
         remote_addr: Some(peer),
         http2: false,
+        service_methods: &["KMS.GetMeta", "KMS.GetTempCaCert"],
     };
     let (status, recorder) = with_recorder(async {
         traced_dispatch(&request, async {
             // Upstream's dispatch makes its outbound calls inside the request span.
-            outbound(Peer::AuthWebhook, "get_info", Some(("GET", "http://127.0.0.1:9/")), async {
-                Ok::<_, String>(())
-            })
+            outbound(
+                Peer::AuthWebhook,
+                "get_info",
+                Some(("GET", "http://127.0.0.1:9/")),
+                async { Ok::<_, String>(()) },
+            )
             .await
             .unwrap();
             200
@@ -145,7 +169,10 @@ fn traced_dispatch_opens_the_request_span_and_records_the_status() {
     });
     assert_eq!(status, 200);
     let request_span = recorder.only("kms.request");
-    assert_eq!(request_span.fields.get("rpc.method").map(String::as_str), Some("GetMeta"));
+    assert_eq!(
+        request_span.fields.get("rpc.method").map(String::as_str),
+        Some("GetMeta")
+    );
     assert_eq!(
         request_span.fields.get("url.path").map(String::as_str),
         Some("/prpc/KMS.GetMeta")
@@ -159,4 +186,24 @@ fn traced_dispatch_opens_the_request_span_and_records_the_status() {
     );
     let outbound_span = recorder.only("kms.outbound");
     assert_eq!(outbound_span.parent.as_deref(), Some("kms.request"));
+}
+
+#[test]
+fn task_monitors_are_keyed_by_the_service_method_table() {
+    let methods: &'static [&'static str] = &["KMS.GetMeta", "KMS.GetAppKey"];
+    let request = |method| PrpcRequest {
+        method,
+        method_trim_prefix: Some("KMS."),
+        path: "/prpc/x",
+        is_get: false,
+        remote_addr: None,
+        http2: true,
+        service_methods: methods,
+    };
+    // With or without the service prefix, as clients send both.
+    assert_eq!(monitored_method(&request("KMS.GetAppKey")), "GetAppKey");
+    assert_eq!(monitored_method(&request("GetMeta")), "GetMeta");
+    // A name the service does not have never creates a monitor of its own.
+    let made_up = String::from("KMS.NoSuchMethod");
+    assert_eq!(monitored_method(&request(&made_up)), "unknown");
 }
