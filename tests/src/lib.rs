@@ -2,7 +2,6 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod fault;
-mod ikms;
 pub mod lab;
 pub mod secrets;
 pub mod twin;

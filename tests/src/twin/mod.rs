@@ -21,7 +21,6 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::fault::{Fault, FaultSwitch};
-use crate::ikms;
 use crate::secrets;
 use outbound::Peers;
 use peers::FakePeers;
@@ -131,13 +130,13 @@ pub fn run(args: TwinArgs) -> anyhow::Result<()> {
 
     // As the patch series does in the real KMS's main(): init, then the
     // runtime through the library, then watch it.
-    let guard = ikms::Builder::default()
+    let guard = instrumented_kms::Builder::default()
         .service_name("kms-twin")
         .service_version(env!("CARGO_PKG_VERSION"))
         .listen_port(local.port())
         .init()
         .context("starting instrumented-kms")?;
-    let runtime = ikms::runtime_builder(Some(args.workers))
+    let runtime = instrumented_kms::runtime_builder(Some(args.workers))
         .build()
         .context("building the tokio runtime")?;
     guard.watch_runtime(runtime.handle());

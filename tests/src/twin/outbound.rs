@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::ikms;
 use crate::secrets;
 
 /// Why an outbound call failed. The `Display` form is what instrumented-kms
@@ -75,8 +74,10 @@ impl Peers {
     /// forever (upstream's behaviour).
     pub async fn webhook_info(&self, authorization: Option<&str>) -> Result<Value, OutboundError> {
         let url = format!("{}/", self.webhook);
-        let call = ikms::OutboundCall::new(ikms::Peer::AuthWebhook, "get_info").http("GET", &url);
-        ikms::outbound_result(call, async {
+        let call =
+            instrumented_kms::OutboundCall::new(instrumented_kms::Peer::AuthWebhook, "get_info")
+                .http("GET", &url);
+        instrumented_kms::outbound_result(call, async {
             let client = reqwest::Client::builder().build()?;
             let mut request = client.get(&url);
             if let Some(value) = authorization {
@@ -95,9 +96,12 @@ impl Peers {
         authorization: Option<&str>,
     ) -> Result<Value, OutboundError> {
         let url = format!("{}/bootAuth/app", self.webhook);
-        let call =
-            ikms::OutboundCall::new(ikms::Peer::AuthWebhook, "is_app_allowed").http("POST", &url);
-        ikms::outbound_result(call, async {
+        let call = instrumented_kms::OutboundCall::new(
+            instrumented_kms::Peer::AuthWebhook,
+            "is_app_allowed",
+        )
+        .http("POST", &url);
+        instrumented_kms::outbound_result(call, async {
             let client = reqwest::Client::builder().build()?;
             let mut request = client.post(&url).json(body);
             if let Some(value) = authorization {
@@ -112,8 +116,11 @@ impl Peers {
     /// Verifies a quote the way dcap-qvl does: fetches the collateral from
     /// PCCS, one request after another, each with `pccs_timeout`.
     pub async fn verify_quote(&self, quote: &str) -> Result<(), OutboundError> {
-        let call = ikms::OutboundCall::new(ikms::Peer::Attestation, "verify_quote");
-        ikms::outbound_result(call, async {
+        let call = instrumented_kms::OutboundCall::new(
+            instrumented_kms::Peer::Attestation,
+            "verify_quote",
+        );
+        instrumented_kms::outbound_result(call, async {
             let client = reqwest::Client::builder()
                 .timeout(self.pccs_timeout)
                 .build()?;
@@ -125,9 +132,12 @@ impl Peers {
                     secrets::PCCS_API_KEY
                 );
                 let name = item.split(['/', '?']).next().unwrap_or(item);
-                let fetch = ikms::OutboundCall::new(ikms::Peer::Attestation, "fetch_collateral")
-                    .http("GET", &url);
-                ikms::outbound_result(fetch, async {
+                let fetch = instrumented_kms::OutboundCall::new(
+                    instrumented_kms::Peer::Attestation,
+                    "fetch_collateral",
+                )
+                .http("GET", &url);
+                instrumented_kms::outbound_result(fetch, async {
                     let response = client
                         .get(&url)
                         .header("x-quote-len", quote.len())

@@ -36,7 +36,6 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::fault::Fault;
-use crate::ikms;
 use crate::twin::rpc::{self, Rpc, RpcRequest};
 use crate::twin::state::Kms;
 
@@ -130,11 +129,11 @@ async fn handle(
         return Ok(json_response(404, &json!({ "error": "no such method" })));
     };
     let protocol = if req.version() == Version::HTTP_2 {
-        ikms::HttpProtocol::Http2
+        instrumented_kms::HttpProtocol::Http2
     } else {
-        ikms::HttpProtocol::Http11
+        instrumented_kms::HttpProtocol::Http11
     };
-    let info = ikms::RequestInfo {
+    let info = instrumented_kms::RequestInfo {
         rpc_method: rpc.name().into(),
         url_path: req
             .uri()
@@ -144,7 +143,7 @@ async fn handle(
         client_addr: Some(peer),
         protocol,
     };
-    let span = ikms::request_span(&info);
+    let span = instrumented_kms::request_span(&info);
     let authorization = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -163,14 +162,14 @@ async fn handle(
                 }
                 Err(reason) => (400, json!({ "error": reason })),
             };
-            ikms::record_status(&recorded, status);
+            instrumented_kms::record_status(&recorded, status);
             (status, body)
         }
         .instrument(span)
     };
-    let task = tokio::spawn(ikms::monitor_rpc(rpc.name(), work));
+    let task = tokio::spawn(instrumented_kms::monitor_rpc(rpc.name(), work));
     let outcome = match protocol {
-        ikms::HttpProtocol::Http2 => AbortOnDrop(task).await,
+        instrumented_kms::HttpProtocol::Http2 => AbortOnDrop(task).await,
         _ => task.await,
     };
     let (status, body) = outcome.unwrap_or_else(|e| (500, json!({ "error": e.to_string() })));

@@ -14,10 +14,14 @@ pub async fn start_twin(args: &[&str], env: &[(&str, &str)]) -> (TwinProcess, te
     let launch = TwinLaunch {
         binary: PathBuf::from(env!("CARGO_BIN_EXE_kms-twin")),
         args: args.iter().map(OsString::from).collect(),
-        env: env
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
+        env: [
+            // Each twin its own console port; no collector in these tests.
+            ("KMS_DIAG_CONSOLE_BIND".to_owned(), format!("127.0.0.1:{}", free_port())),
+            ("KMS_DIAG_OTLP".to_owned(), "false".to_owned()),
+        ]
+        .into_iter()
+        .chain(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())))
+        .collect(),
         log: dir.path().join("twin.log"),
         ready_file: dir.path().join("twin.ready"),
     };
@@ -25,6 +29,15 @@ pub async fn start_twin(args: &[&str], env: &[(&str, &str)]) -> (TwinProcess, te
         .await
         .expect("the twin starts");
     (twin, dir)
+}
+
+/// A port that was free a moment ago (for servers that cannot report the
+/// port they bound, such as console-subscriber's).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// Polls `check` until it returns `Some`, or panics after `limit` naming `what`.
