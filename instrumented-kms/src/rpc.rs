@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
-use crate::spans::{sanitize_url, split_url};
+use crate::spans::split_url;
 
 /// HTTP version of an inbound request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,7 @@ pub fn request_span(info: &RequestInfo) -> Span {
         rpc.service = "KMS",
         rpc.method = %info.rpc_method,
         http.request.method = %info.http_method,
-        url.path = %sanitize_url(&info.url_path),
+        url.path = url_path(&info.url_path),
         client.address = Empty,
         client.port = Empty,
         network.protocol.version = info.protocol.version(),
@@ -86,6 +86,17 @@ pub fn request_span(info: &RequestInfo) -> Span {
         span.record("client.port", addr.port());
     }
     span
+}
+
+/// The path of a request target: origin-form (`/a?b`) or absolute-form
+/// (`http://h/a?b`); never the query, fragment or credentials.
+fn url_path(target: &str) -> &str {
+    let path = split_url(target).path;
+    if path.is_empty() {
+        "/"
+    } else {
+        path
+    }
 }
 
 /// Records the response status on a request span

@@ -20,7 +20,7 @@ pub(crate) mod reporter;
 pub(crate) use layer::SpanLayer;
 #[allow(unused_imports)]
 pub(crate) use record::{unix_nanos, ClosedSpan, SpanKind, SpanRecord, SpanStatus, Value};
-pub(crate) use redact::{sanitize_url, split_url};
+pub(crate) use redact::split_url;
 #[allow(unused_imports)]
 pub(crate) use registry::OpenSpans;
 
