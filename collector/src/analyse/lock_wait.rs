@@ -87,7 +87,10 @@ fn lock_rank(r: &ConsoleResourceRow) -> Option<u8> {
         r.kind.as_deref().unwrap_or("")
     )
     .to_ascii_lowercase();
-    let internal = bool_of(&r.attributes, "is_internal").unwrap_or(false);
+    // The console recorder stores `internal`; accept console's own spelling too.
+    let internal = bool_of(&r.attributes, "internal")
+        .or_else(|| bool_of(&r.attributes, "is_internal"))
+        .unwrap_or(false);
     let rank = if t.contains("mutex") || t.contains("rwlock") {
         3
     } else if t.contains("semaphore") {
@@ -134,12 +137,28 @@ impl Pass for LockWaitPass {
             .filter_map(|r| lock_rank(r).map(|rank| (r.resource_id, (r, rank))))
             .collect();
         let tasks: BTreeMap<i64, _> = snap.tasks.iter().map(|t| (t.task_id, t)).collect();
+        // A tokio Mutex or RwLock waits through an internal Semaphore whose
+        // parent is the lock: count a wait on the child as a wait on the lock.
+        let top_lock = |mut rid: i64| {
+            for _ in 0..8 {
+                match resources
+                    .get(&rid)
+                    .and_then(|(r, _)| i64_of(&r.attributes, "parent_resource_id"))
+                    .filter(|p| resources.contains_key(p))
+                {
+                    Some(parent) => rid = parent,
+                    None => break,
+                }
+            }
+            rid
+        };
         // One wait per task: the most specific lock it waits on.
         let mut per_task: BTreeMap<i64, (u8, LockWait)> = BTreeMap::new();
         for op in &snap.async_ops {
             let (Some(task_id), Some(rid)) = (op.task_id, op.resource_id) else {
                 continue;
             };
+            let rid = top_lock(rid);
             let Some(&(res, rank)) = resources.get(&rid) else {
                 continue;
             };

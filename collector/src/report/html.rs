@@ -264,6 +264,16 @@ fn timeline_svg(t: &Timeline) -> String {
             p.latency_ms.map(|l| format!(" {l:.0} ms")).unwrap_or_default()
         );
     }
+    let mut lx = RIGHT - 300.0;
+    for outcome in ["ok", "timeout", "tls", "connect", "other"] {
+        let _ = write!(
+            o,
+            "<rect x=\"{lx:.0}\" y=\"4\" width=\"8\" height=\"8\" fill=\"{}\"/><text class=\"axis\" x=\"{:.0}\" y=\"12\">{outcome}</text>",
+            outcome_color(outcome),
+            lx + 11.0
+        );
+        lx += 60.0;
+    }
     if t.probes.is_empty() {
         let _ = write!(
             o,
@@ -303,23 +313,31 @@ fn timeline_svg(t: &Timeline) -> String {
             hb_top + 40.0
         );
     }
-    // Open spans and stalls as bars.
-    lane_label(&mut o, bars_top + 10.0, "open spans, stalls");
+    // Open spans and stalls as bars, labelled in the left gutter.
+    lane_label(&mut o, bars_top - 6.0, "open spans, stalls");
     for (i, b) in t.open_spans.iter().chain(&t.stalls).enumerate() {
         let y = bars_top + i as f64 * 14.0;
         let (x1, x2) = (s.x(b.start_ns), s.x(b.end_ns));
+        let short: String = if b.label.chars().count() > 27 {
+            b.label
+                .chars()
+                .take(26)
+                .chain(std::iter::once('…'))
+                .collect()
+        } else {
+            b.label.clone()
+        };
         let _ = write!(
             o,
-            "<rect class=\"bar\" x=\"{x1:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"11\" fill=\"{}\" opacity=\"0.8\"><title>{} {} .. {}{}</title></rect><text class=\"axis\" x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+            "<rect class=\"bar\" x=\"{x1:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"11\" fill=\"{}\" opacity=\"0.8\"><title>{} {} .. {}{}</title></rect><text class=\"axis\" x=\"14\" y=\"{:.1}\">{}</text>",
             (x2 - x1).max(2.0),
             class_color(&b.class),
             esc(&b.label),
             esc(&fmt_time(b.start_ns)),
             esc(&fmt_time(b.end_ns)),
             b.trace_id.as_deref().map(|t| format!(" trace {}", esc(t))).unwrap_or_default(),
-            (x1 + 3.0).min(RIGHT - 150.0),
             y + 9.0,
-            esc(&b.label)
+            esc(&short)
         );
     }
     if bars == 0 {
@@ -363,7 +381,8 @@ fn timeline_svg(t: &Timeline) -> String {
         max_rss as f64 / 1048576.0
     );
     // fds and CLOSE_WAIT.
-    lane_label(&mut o, fd_top + 14.0, "open fds / CLOSE_WAIT");
+    lane_label(&mut o, fd_top + 14.0, "open fds");
+    let _ = write!(o, "<text class=\"lane\" x=\"62\" y=\"{:.1}\" fill=\"#e65100\" style=\"fill:#e65100\">/ CLOSE_WAIT</text>", fd_top + 14.0);
     let max_fd = t
         .open_fds
         .iter()
@@ -409,8 +428,9 @@ fn timeline_svg(t: &Timeline) -> String {
         let hms = label.get(11..19).unwrap_or(&label);
         let _ = write!(
             o,
-            "<text class=\"axis\" x=\"{:.1}\" y=\"{axis_y:.0}\" text-anchor=\"middle\">{}</text>",
+            "<text class=\"axis\" x=\"{:.1}\" y=\"{axis_y:.0}\" text-anchor=\"{}\">{}</text>",
             s.x(tt),
+            if i == 4 { "end" } else { "middle" },
             esc(hms)
         );
     }
