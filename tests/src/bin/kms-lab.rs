@@ -1,1 +1,159 @@
-fn main() {}
+//! `kms-lab`: the hang lab. Runs the collector, a faulted KMS twin and the
+//! GetMeta poller together and shows the collector's verdict.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kms_twin::fault::Fault;
+use kms_twin::lab::expect::judge;
+use kms_twin::lab::matrix::{render_table, run_matrix};
+use kms_twin::lab::scenario::{run_scenario, LabConfig};
+
+/// Reproduce a KMS hang of each kind and show what the collector concludes.
+#[derive(Debug, Parser)]
+#[command(name = "kms-lab", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// One fault: warm up, inject, wait for the hang and a stable report, print it.
+    Run {
+        /// The fault: none, pccs-hang, webhook-hang, memory-leak,
+        /// blocking-worker, async-deadlock, sync-deadlock, fd-exhaustion.
+        #[arg(long)]
+        fault: Fault,
+        /// Keep the database there, with the HTML report and the Jaeger export.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+        /// Print the JSON report instead of the text one.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every fault, then a table of verdicts; exits non-zero if any row is wrong.
+    Matrix {
+        /// Runs at the same time (each is a collector, a twin and its load).
+        #[arg(long, default_value_t = 2, env = "KMS_LAB_JOBS")]
+        jobs: usize,
+        /// Keep one directory per fault there.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// Only these faults (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<Fault>,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// Time between GetMeta probes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    probe_interval: Duration,
+    /// Worker threads of the twin's runtime.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// The kms-twin binary (default: next to kms-lab).
+    #[arg(long, env = "KMS_TWIN_BIN")]
+    twin: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl Common {
+    fn config(&self) -> anyhow::Result<LabConfig> {
+        Ok(LabConfig {
+            twin_binary: match &self.twin {
+                Some(path) => path.clone(),
+                None => kms_twin::lab::child::twin_binary()?,
+            },
+            workers: self.workers,
+            probe_interval: self.probe_interval,
+            progress: !self.quiet,
+            ..LabConfig::default()
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    tracing_init();
+    match Cli::parse().command {
+        Command::Run {
+            fault,
+            keep,
+            common,
+            json,
+        } => {
+            let config = common.config()?;
+            let result = run_scenario(fault, &config, keep.as_deref())
+                .await
+                .with_context(|| format!("running the lab with fault {fault}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result.report)?);
+            } else {
+                println!("{}", result.report_text);
+                let j = judge(fault, &result.report);
+                println!(
+                    "fault {fault}: expected {}; D {}; confirmed {}; {}",
+                    j.expected,
+                    j.d_verdict,
+                    if j.confirmed.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        j.confirmed.join(",")
+                    },
+                    if j.ok() {
+                        "as expected".to_owned()
+                    } else {
+                        format!("NOT as expected: {}", j.problems.join("; "))
+                    }
+                );
+                if let Some(dir) = &keep {
+                    println!("kept in {}", dir.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Matrix {
+            jobs,
+            keep,
+            only,
+            common,
+        } => {
+            let config = common.config()?;
+            let faults = if only.is_empty() {
+                Fault::ALL.to_vec()
+            } else {
+                only
+            };
+            let rows = run_matrix(&faults, &config, jobs, keep.as_deref()).await;
+            print!("{}", render_table(&rows));
+            Ok(if rows.iter().all(|r| r.ok()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// Warnings and errors of the in-process collector on stderr.
+fn tracing_init() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -3,4 +3,8 @@
 
 pub mod child;
 pub mod client;
+pub mod expect;
 pub mod load;
+pub mod matrix;
+pub mod progress;
+pub mod scenario;

@@ -16,7 +16,10 @@ pub async fn start_twin(args: &[&str], env: &[(&str, &str)]) -> (TwinProcess, te
         args: args.iter().map(OsString::from).collect(),
         env: [
             // Each twin its own console port; no collector in these tests.
-            ("KMS_DIAG_CONSOLE_BIND".to_owned(), format!("127.0.0.1:{}", free_port())),
+            (
+                "KMS_DIAG_CONSOLE_BIND".to_owned(),
+                format!("127.0.0.1:{}", free_port()),
+            ),
             ("KMS_DIAG_OTLP".to_owned(), "false".to_owned()),
         ]
         .into_iter()

@@ -1,0 +1,159 @@
+//! `kms-lab matrix`: every fault, a few at a time, then one table.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::fault::Fault;
+use crate::lab::expect::{judge, Judgement};
+use crate::lab::scenario::{run_scenario, LabConfig};
+
+/// One row of the matrix.
+#[derive(Debug)]
+pub struct Row {
+    /// The fault.
+    pub fault: Fault,
+    /// The judgement of its report (`None` when the run itself failed).
+    pub judgement: Option<Judgement>,
+    /// Time from injection to the final verdict.
+    pub verdict_after: Option<Duration>,
+    /// Why the run failed, or the verdicts did not settle.
+    pub error: Option<String>,
+}
+
+impl Row {
+    /// True when the run worked and its report is right.
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.judgement.as_ref().is_some_and(Judgement::ok)
+    }
+}
+
+/// Runs `faults`, at most `jobs` at a time; `keep`: one sub-directory per
+/// fault there.
+pub async fn run_matrix(
+    faults: &[Fault],
+    config: &LabConfig,
+    jobs: usize,
+    keep: Option<&Path>,
+) -> Vec<Row> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+    let mut runs = tokio::task::JoinSet::new();
+    for (index, &fault) in faults.iter().enumerate() {
+        let (permits, config) = (permits.clone(), config.clone());
+        let keep = keep.map(|k| k.join(fault.name()));
+        runs.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let row = match run_scenario(fault, &config, keep.as_deref()).await {
+                Ok(result) => Row {
+                    fault,
+                    judgement: Some(judge(fault, &result.report)),
+                    verdict_after: result.verdict_after,
+                    error: result
+                        .timed_out
+                        .then(|| "verdicts did not settle before the timeout".to_owned()),
+                },
+                Err(e) => Row {
+                    fault,
+                    judgement: None,
+                    verdict_after: None,
+                    error: Some(format!("{e:#}")),
+                },
+            };
+            (index, row)
+        });
+    }
+    let mut rows: Vec<(usize, Row)> = Vec::new();
+    while let Some(joined) = runs.join_next().await {
+        if let Ok(row) = joined {
+            rows.push(row);
+        }
+    }
+    rows.sort_by_key(|(i, _)| *i);
+    rows.into_iter().map(|(_, r)| r).collect()
+}
+
+/// The matrix as a text table, then one line per problem.
+pub fn render_table(rows: &[Row]) -> String {
+    let header = [
+        "fault",
+        "expected",
+        "D verdict",
+        "other confirmed",
+        "culprit",
+        "verdict after",
+        "result",
+    ];
+    let mut table: Vec<[String; 7]> = vec![header.map(str::to_owned)];
+    for row in rows {
+        let j = row.judgement.as_ref();
+        table.push([
+            row.fault.name().to_owned(),
+            j.map(|j| j.expected.clone()).unwrap_or_default(),
+            j.map(|j| j.d_verdict.clone()).unwrap_or_else(|| "-".into()),
+            j.map(|j| {
+                if j.other_confirmed.is_empty() {
+                    "-".to_owned()
+                } else {
+                    j.other_confirmed.join(",")
+                }
+            })
+            .unwrap_or_else(|| "-".into()),
+            j.and_then(|j| j.culprit.clone())
+                .map(|c| shorten(&c, 60))
+                .unwrap_or_else(|| "-".into()),
+            row.verdict_after
+                .map(|d| format!("{:.1}s", d.as_secs_f64()))
+                .unwrap_or_else(|| "-".into()),
+            if row.ok() { "ok" } else { "WRONG" }.to_owned(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|c| {
+            table
+                .iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for (i, row) in table.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+        if i == 0 {
+            out.push_str(
+                &widths
+                    .iter()
+                    .map(|w| "-".repeat(*w))
+                    .collect::<Vec<_>>()
+                    .join("  "),
+            );
+            out.push('\n');
+        }
+    }
+    for row in rows.iter().filter(|r| !r.ok()) {
+        if let Some(e) = &row.error {
+            out.push_str(&format!("{}: {e}\n", row.fault));
+        }
+        if let Some(j) = &row.judgement {
+            for p in &j.problems {
+                out.push_str(&format!("{}: {p}\n", row.fault));
+            }
+        }
+    }
+    out
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_owned()
+    } else {
+        let cut: String = text.chars().take(max - 1).collect();
+        format!("{cut}…")
+    }
+}

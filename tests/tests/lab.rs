@@ -1,0 +1,240 @@
+//! The product's acceptance tests: for every fault, the lab runs the
+//! collector, the faulted twin and the GetMeta poller, and the collector's
+//! JSON report must reach the right verdict, citing the right span, lock,
+//! worker or peer. No planted secret may reach the database or the exports.
+//!
+//! A wrong verdict here is a finding about the collector or the library, not
+//! something to fix in the twin.
+
+mod support;
+
+use std::path::PathBuf;
+
+use kms_twin::fault::Fault;
+use kms_twin::lab::expect::{judge, verdict};
+use kms_twin::lab::scenario::{files, run_scenario, LabConfig, ScenarioResult};
+use kms_twin::secrets;
+use serde_json::Value;
+
+fn config() -> LabConfig {
+    LabConfig {
+        twin_binary: PathBuf::from(env!("CARGO_BIN_EXE_kms-twin")),
+        ..LabConfig::default()
+    }
+}
+
+/// Runs `fault` through the lab and checks what every run must satisfy: a
+/// settled verdict, the expected judgement, and no planted secret in the
+/// stored or exported telemetry.
+async fn lab(fault: Fault) -> ScenarioResult {
+    let result = run_scenario(fault, &config(), None)
+        .await
+        .unwrap_or_else(|e| panic!("lab run with {fault}: {e:#}"));
+    assert_no_secrets(&result);
+    let judgement = judge(fault, &result.report);
+    assert!(
+        judgement.ok() && !result.timed_out,
+        "{fault}: {}{}\n\n{}",
+        judgement.problems.join("; "),
+        if result.timed_out {
+            " (verdicts never settled)"
+        } else {
+            ""
+        },
+        result.report_text
+    );
+    result
+}
+
+#[track_caller]
+fn assert_no_secrets(result: &ScenarioResult) {
+    let db = result.dir.join(files::DB);
+    let mut checked = 0;
+    for path in [
+        db.clone(),
+        PathBuf::from(format!("{}-wal", db.display())),
+        result.dir.join(files::JAEGER),
+        result.dir.join(files::OTLP),
+        result.dir.join(files::REPORT_JSON),
+        result.dir.join(files::REPORT_HTML),
+    ] {
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        checked += 1;
+        let found = secrets::found_in(&bytes);
+        assert!(
+            found.is_empty(),
+            "planted secrets {found:?} in {}",
+            path.display()
+        );
+    }
+    assert!(checked >= 5, "only {checked} output files to search");
+    let spans = std::fs::read_to_string(result.dir.join(files::JAEGER)).unwrap_or_default();
+    assert!(
+        spans.contains("kms.request"),
+        "the Jaeger export holds no request span: the secret search proves nothing"
+    );
+}
+
+fn evidence<'a>(report: &'a Value, letter: &str) -> Vec<&'a Value> {
+    report["hypotheses"][letter]["evidence"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default()
+}
+
+fn evidence_of_kind<'a>(report: &'a Value, letter: &str, kind: &str) -> Vec<&'a Value> {
+    evidence(report, letter)
+        .into_iter()
+        .filter(|e| e["kind"] == kind)
+        .collect()
+}
+
+/// Stuck requests of `method` waiting on `waits_on`.
+fn stuck(report: &Value, method: &str, waits_on: &str) -> usize {
+    report["stuck_spans"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|s| s["rpc_method"] == method && s["waits_on"] == waits_on)
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_fault_no_hang_nothing_confirmed() {
+    let result = lab(Fault::None).await;
+    let r = &result.report;
+    assert!(r["failure_window"].is_null(), "{}", result.report_text);
+    assert_eq!(r["probe"]["failed"], 0, "{}", result.report_text);
+    assert_eq!(verdict(r, "D"), Some("ruled_out"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pccs_hang_is_a_not_d() {
+    let result = lab(Fault::PccsHang).await;
+    let r = &result.report;
+    assert!(
+        stuck(r, "GetMeta", "attestation") >= 1,
+        "{}",
+        result.report_text
+    );
+    let cited = evidence_of_kind(r, "A", "stuck_outbound");
+    assert!(
+        cited
+            .iter()
+            .any(|e| e["span_id"].is_string() && e["trace_id"].is_string()),
+        "A cites no stuck span: {}",
+        result.report_text
+    );
+    assert_eq!(
+        r["probe"]["failure_class"], "timeout",
+        "TLS must keep working"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_hang_is_b_not_d() {
+    let result = lab(Fault::WebhookHang).await;
+    let r = &result.report;
+    assert!(
+        stuck(r, "GetMeta", "auth_webhook") >= 1,
+        "{}",
+        result.report_text
+    );
+    assert_eq!(
+        r["probe"]["failure_class"], "timeout",
+        "TLS must keep working"
+    );
+    let culprit = r["hypotheses"]["B"]["culprit"].as_str().unwrap_or("");
+    assert!(
+        culprit.contains("get_info") || culprit.contains("is_app_allowed"),
+        "B's culprit names no webhook call: {culprit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_leak_is_c_not_d() {
+    let result = lab(Fault::MemoryLeak).await;
+    assert!(
+        !evidence_of_kind(&result.report, "C", "rss").is_empty(),
+        "{}",
+        result.report_text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_worker_is_d_naming_the_worker_and_span() {
+    let result = lab(Fault::BlockingWorker).await;
+    let r = &result.report;
+    let stalls = evidence_of_kind(r, "D", "poll_stall");
+    assert!(
+        stalls.iter().any(|e| {
+            let s = e["summary"].as_str().unwrap_or("");
+            s.contains("kms-worker-") && s.contains("kms.request")
+        }),
+        "no poll stall naming a worker and the request span: {}",
+        result.report_text
+    );
+    assert_eq!(
+        r["probe"]["failure_class"], "tls",
+        "a fully blocked runtime cannot finish TLS"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_deadlock_is_d_naming_the_locks() {
+    let result = lab(Fault::AsyncDeadlock).await;
+    let r = &result.report;
+    assert!(
+        !evidence_of_kind(r, "D", "lock_cycle").is_empty(),
+        "{}",
+        result.report_text
+    );
+    let waits = evidence_of_kind(r, "D", "lock_wait");
+    assert!(
+        waits
+            .iter()
+            .any(|e| e["summary"].as_str().unwrap_or("").contains("state.rs")),
+        "no lock wait names where the locks were made: {}",
+        result.report_text
+    );
+    assert_eq!(
+        r["probe"]["failure_class"], "timeout",
+        "TLS must keep working"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_deadlock_is_d_naming_both_threads() {
+    let result = lab(Fault::SyncDeadlock).await;
+    let r = &result.report;
+    let cycles = evidence_of_kind(r, "D", "deadlock");
+    assert!(
+        cycles.iter().any(|e| {
+            let s = e["summary"].as_str().unwrap_or("");
+            s.contains("cycle of 2 threads") && s.matches("kms-worker-").count() >= 2
+        }),
+        "no 2-thread parking_lot cycle naming both threads: {}",
+        result.report_text
+    );
+    assert_eq!(
+        r["probe"]["failure_class"], "timeout",
+        "TLS must keep working"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fd_exhaustion_is_e_not_d() {
+    let result = lab(Fault::FdExhaustion).await;
+    let r = &result.report;
+    let e = evidence(r, "E");
+    assert!(
+        e.iter()
+            .any(|x| x["kind"] == "fds" || x["kind"] == "accept_errors"),
+        "{}",
+        result.report_text
+    );
+}
