@@ -96,17 +96,22 @@ impl MetricsService for Svc {
 fn map_codec_status<B>(stats: &ReceiverStats, mut res: http::Response<B>) -> http::Response<B> {
     let headers = res.headers_mut();
     let code = headers.get("grpc-status").and_then(|v| v.to_str().ok());
+    // grpc-message is percent-encoded; its spaces are `%20`.
     let message = headers
         .get("grpc-message")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let new_code = match code {
-        Some("13") if message.contains("failed to decode") => Some("3"),
-        Some("11") if message.contains("message length too large") => Some("8"),
-        _ => None,
+        .unwrap_or("")
+        .replace("%20", " ");
+    let (new_code, malformed) = match code {
+        Some("13") if message.contains("failed to decode") => (Some("3"), true),
+        Some("11") if message.contains("message length too large") => (Some("8"), true),
+        Some("8") if message.contains("decompressing") => (None, true),
+        _ => (None, false),
     };
-    if let Some(c) = new_code {
+    if malformed {
         stats.malformed();
+    }
+    if let Some(c) = new_code {
         headers.insert("grpc-status", http::HeaderValue::from_static(c));
     }
     res

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use crate::forward::{ForwardConfig, ForwardCounts, ForwardError, Forwarder};
 use crate::probe::{ProbeConfig, ProbeError, ProbeHandle};
 use crate::receive::{self, Ingest, Limits, ReceiverCounts, ReceiverStats};
-use crate::store::{Record, Retention, SqliteStore, StoreError, StoreHandle, StoreStage};
+use crate::store::{Record, Retention, SqliteStore, StoreError, StoreHandle, StoreStage, Writer};
 
 /// Everything `serve` can be told. `Clone + Debug + Default`; consuming setters.
 ///
@@ -252,6 +252,31 @@ impl Server {
     ///
     /// See [`ServeError`]; nothing keeps running when it fails.
     pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServeError> {
+        let db = config.db.clone();
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db))
+            .await
+            .map_err(|e| ServeError::Thread(std::io::Error::other(e)))?
+            .map_err(|source| ServeError::Store {
+                path: config.db.clone(),
+                source,
+            })?;
+        Self::start_with_writer(config, store).await
+    }
+
+    /// Like [`Server::start`], but storing through `writer` instead of the
+    /// SQLite file named in `config` (which is then only reported). For
+    /// tests that need a store that is slow or fails, and for embedding.
+    ///
+    /// # Errors
+    ///
+    /// See [`ServeError`]; nothing keeps running when it fails.
+    pub async fn start_with_writer<W>(
+        config: ServerConfig,
+        writer: W,
+    ) -> Result<ServerHandle, ServeError>
+    where
+        W: Writer + Send + 'static,
+    {
         let grpc = TcpListener::bind(config.otlp_grpc)
             .await
             .map_err(|source| ServeError::Bind {
@@ -273,15 +298,7 @@ impl Server {
         let grpc_addr = bound(&grpc, "otlp-grpc", config.otlp_grpc)?;
         let http_addr = bound(&http, "otlp-http", config.otlp_http)?;
 
-        let db = config.db.clone();
-        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db))
-            .await
-            .map_err(|e| ServeError::Thread(std::io::Error::other(e)))?
-            .map_err(|source| ServeError::Store {
-                path: config.db.clone(),
-                source,
-            })?;
-        let (stage, store) = StoreStage::spawn(store, config.store_queue, config.store_max_group)
+        let (stage, store) = StoreStage::spawn(writer, config.store_queue, config.store_max_group)
             .map_err(ServeError::Thread)?;
 
         let forward = config.forward.clone().map(Forwarder::spawn).transpose()?;

@@ -110,6 +110,12 @@ impl StoreHandle {
         PendingWrite { ack: rx }.committed().await
     }
 
+    /// Free places in the queue right now (0 when the next
+    /// [`StoreHandle::try_write`] would be refused as busy).
+    pub fn queue_free(&self) -> usize {
+        self.tx.capacity()
+    }
+
     /// Like [`StoreHandle::write`], from a thread that may block (not from
     /// async code): for sinks called on a blocking thread.
     ///
