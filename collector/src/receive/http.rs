@@ -82,7 +82,15 @@ impl Encoding {
     fn encode<T: Message + Serialize>(self, msg: &T) -> Vec<u8> {
         match self {
             Encoding::Protobuf => msg.encode_to_vec(),
-            Encoding::Json => serde_json::to_vec(msg).unwrap_or_default(),
+            Encoding::Json => {
+                // Leave out unset fields (`"partialSuccess": null`), as
+                // OTLP/JSON producers do.
+                let mut v = serde_json::to_value(msg).unwrap_or_default();
+                if let serde_json::Value::Object(map) = &mut v {
+                    map.retain(|_, field| !field.is_null());
+                }
+                serde_json::to_vec(&v).unwrap_or_default()
+            }
         }
     }
 }
