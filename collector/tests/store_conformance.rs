@@ -530,3 +530,52 @@ proptest! {
         }
     }
 }
+
+// --- Writer then Reader: what is written is what the diagnosis reads. ---
+
+#[test]
+fn sqlite_writer_and_reader_round_trip() {
+    use kms_collector::store::{Reader, SqliteReader, TimeWindow};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut w = open(dir.path());
+    let mut closed = span_row(6, 1, false, None, 2_000);
+    closed.parent_span_id = Some(format!("{:016x}", 9));
+    closed.status_message = Some("deadline exceeded".into());
+    closed.events = json!([{"time_ns": 1_500, "name": "retry", "attributes": {"n": 1}}]);
+    let snapshot = span_row(6, 2, true, Some(4), 3_000);
+    let event = event_row("kms.stall", 1_200);
+    let attempt = probe(1_300);
+    let snap = console(1_400);
+    w.write(&[
+        batch(vec![closed.clone(), snapshot.clone()]),
+        Record::Batch(Batch {
+            events: vec![event.clone()],
+            ..Batch::default()
+        }),
+        Record::Probe(attempt.clone()),
+        Record::Console(snap.clone()),
+    ])
+    .expect("write");
+    drop(w);
+
+    let r = SqliteReader::open(dir.path().join("kms-diag.sqlite")).expect("reader");
+    let trace = r.trace(&closed.trace_id).expect("trace");
+    assert_eq!(trace, vec![closed, snapshot.clone()]);
+    assert_eq!(
+        r.incomplete_spans(TimeWindow::ALL).expect("incomplete"),
+        vec![snapshot]
+    );
+    assert_eq!(
+        r.events("kms.stall", TimeWindow::ALL).expect("events"),
+        vec![event]
+    );
+    assert_eq!(
+        r.probe_attempts(TimeWindow::ALL).expect("probes"),
+        vec![attempt]
+    );
+    assert_eq!(
+        r.console_snapshot_times(TimeWindow::ALL).expect("times"),
+        vec![1_400]
+    );
+    assert_eq!(r.console_snapshot(1_400).expect("snapshot"), snap);
+}
