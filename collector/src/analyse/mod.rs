@@ -46,8 +46,18 @@ pub use stuck_io::{Innermost, StuckSpan, WaitsOn};
 /// Thresholds of the diagnosis. Every default is a public associated const.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnalyseConfig {
-    /// Heartbeat lag above which the runtime counts as stalled.
-    pub heartbeat_lag_threshold: Duration,
+    /// Heartbeat lag above which a `kms.runtime` sample counts as lagging.
+    /// `None`: the producer's own `config.stall_heartbeat_threshold_ms`
+    /// (from its `kms.startup` event), else
+    /// [`AnalyseConfig::DEFAULT_HEARTBEAT_LAG_THRESHOLD`].
+    pub heartbeat_lag_threshold: Option<Duration>,
+    /// A stall that ended counts as a runtime stall (D) only when it lasted
+    /// this long; shorter ones are cited as transient.
+    pub long_stall: Duration,
+    /// A closed outbound call in the failure window this slow counts as a
+    /// hanging peer (when the client gave up and the call was cancelled, no
+    /// open span is left to show it).
+    pub slow_call_threshold: Duration,
     /// An open-span snapshot counts as a stuck request only once open this long.
     pub stuck_threshold: Duration,
     /// An async lock wait counts once it has lasted this long.
@@ -59,9 +69,13 @@ pub struct AnalyseConfig {
 }
 
 impl AnalyseConfig {
-    /// Default heartbeat lag threshold: 2 s, the library's default
-    /// `stall_heartbeat_threshold`.
+    /// Default heartbeat lag threshold when the producer did not announce
+    /// its own: 2 s, the library's default `stall_heartbeat_threshold`.
     pub const DEFAULT_HEARTBEAT_LAG_THRESHOLD: Duration = Duration::from_secs(2);
+    /// Default long stall: 10 s.
+    pub const DEFAULT_LONG_STALL: Duration = Duration::from_secs(10);
+    /// Default slow-call threshold: 10 s.
+    pub const DEFAULT_SLOW_CALL_THRESHOLD: Duration = Duration::from_secs(10);
     /// Default stuck threshold: 0, i.e. trust the producer, which only
     /// snapshots spans open past its own `KMS_DIAG_OPEN_SPAN_THRESHOLD`.
     pub const DEFAULT_STUCK_THRESHOLD: Duration = Duration::ZERO;
@@ -76,7 +90,9 @@ impl AnalyseConfig {
 impl Default for AnalyseConfig {
     fn default() -> Self {
         AnalyseConfig {
-            heartbeat_lag_threshold: Self::DEFAULT_HEARTBEAT_LAG_THRESHOLD,
+            heartbeat_lag_threshold: None,
+            long_stall: Self::DEFAULT_LONG_STALL,
+            slow_call_threshold: Self::DEFAULT_SLOW_CALL_THRESHOLD,
             stuck_threshold: Self::DEFAULT_STUCK_THRESHOLD,
             lock_wait_threshold: Self::DEFAULT_LOCK_WAIT_THRESHOLD,
             memory_near_limit: Self::DEFAULT_MEMORY_NEAR_LIMIT,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::attrs::{bool_of, i64_of, str_of};
-use super::{Context, Pass};
+use super::{AnalyseConfig, Context, Pass};
 use crate::store::{EventRow, ReadError, TimeWindow};
 
 /// One stall, from its first `kms.stall` to its `kms.stall_end` (or the last
@@ -90,6 +90,10 @@ pub struct StallFindings {
     /// True when the samples cover the failure window with no gap over
     /// three intervals.
     pub covers_failure: bool,
+    /// True when the lag persisted: at least two lagging samples making up
+    /// a third or more of the samples in the failure window (a single spike
+    /// is not a stall).
+    pub lag_persistent: bool,
     /// (time, lag ms) of every sample, for the timeline.
     #[serde(skip)]
     pub lag_series: Vec<(i64, i64)>,
@@ -117,8 +121,13 @@ impl Pass for Stall {
         let stalls = cx.reader.events("kms.stall", cx.window)?;
         let ends = cx.reader.events("kms.stall_end", cx.window)?;
         let samples = cx.reader.events("kms.runtime", cx.window)?;
-        let threshold_ms =
-            i64::try_from(cx.config.heartbeat_lag_threshold.as_millis()).unwrap_or(i64::MAX);
+        let threshold_ms = match cx.config.heartbeat_lag_threshold {
+            Some(t) => i64::try_from(t.as_millis()).unwrap_or(i64::MAX),
+            None => producer_threshold(cx)?.unwrap_or_else(|| {
+                i64::try_from(AnalyseConfig::DEFAULT_HEARTBEAT_LAG_THRESHOLD.as_millis())
+                    .unwrap_or(i64::MAX)
+            }),
+        };
         let failure = cx.failure_or_window();
         let mut f = StallFindings {
             episodes: episodes(&stalls, &ends),
@@ -142,6 +151,8 @@ impl Pass for Stall {
                 f.first_lagging_ns.get_or_insert(s.time_ns);
             }
         }
+        f.lag_persistent = f.lagging_samples_in_failure >= 2
+            && f.lagging_samples_in_failure * 3 >= f.samples_in_failure;
         let mut gaps: Vec<i64> = times.windows(2).map(|w| w[1] - w[0]).collect();
         gaps.sort_unstable();
         let interval = gaps.get(gaps.len() / 2).copied();
@@ -160,6 +171,19 @@ impl Pass for Stall {
         cx.diagnosis.stall = f;
         Ok(())
     }
+}
+
+/// The producer's heartbeat threshold, from its newest `kms.startup` event
+/// up to the end of the window.
+fn producer_threshold(cx: &Context<'_>) -> Result<Option<i64>, ReadError> {
+    let startups = cx
+        .reader
+        .events("kms.startup", TimeWindow::new(i64::MIN, cx.window.to_ns))?;
+    Ok(startups
+        .iter()
+        .rev()
+        .find_map(|e| i64_of(&e.attributes, "config.stall_heartbeat_threshold_ms"))
+        .filter(|t| *t > 0))
 }
 
 fn stall_key(e: &EventRow) -> (String, Option<i64>, Option<i64>) {

@@ -25,6 +25,15 @@ const MAX_CITED: usize = 5;
 #[derive(Debug)]
 pub(crate) struct Verdicts;
 
+/// Closed outbound calls to one peer in the failure window.
+#[derive(Debug, Default)]
+struct PeerCalls {
+    count: usize,
+    slowest_ms: i64,
+    /// Calls over the slow-call threshold, not overlapping a stall.
+    slow: Vec<crate::store::SpanRow>,
+}
+
 fn mib(bytes: i64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -84,12 +93,24 @@ impl Pass for Verdicts {
         let has_spans =
             !cx.reader.spans(cx.window, 1)?.is_empty() || !cx.diagnosis.stuck.is_empty();
         let outbound = cx.reader.spans_started(failure, OUTBOUND_SPAN, 100_000)?;
-        let mut closed_by_peer: BTreeMap<String, (usize, i64)> = BTreeMap::new();
+        let slow_ms = i64::try_from(cx.config.slow_call_threshold.as_millis()).unwrap_or(i64::MAX);
+        let mut closed_by_peer: BTreeMap<String, PeerCalls> = BTreeMap::new();
         for s in outbound.iter().filter(|s| !s.incomplete) {
             let peer = str_of(&s.attributes, "kms.peer").unwrap_or_else(|| "other".into());
+            let ms = ms_between(s.start_ns, s.end_ns);
             let e = closed_by_peer.entry(peer).or_default();
-            e.0 += 1;
-            e.1 = e.1.max(ms_between(s.start_ns, s.end_ns));
+            e.count += 1;
+            e.slowest_ms = e.slowest_ms.max(ms);
+            // A call slowed by a runtime stall says nothing about the peer.
+            let stalled = cx
+                .diagnosis
+                .stall
+                .episodes
+                .iter()
+                .any(|ep| ep.first_ns <= s.end_ns && ep.last_ns >= s.start_ns);
+            if ms >= slow_ms && !stalled && cx.diagnosis.failure.is_some() {
+                e.slow.push(s.clone());
+            }
         }
         let mut h = BTreeMap::new();
         h.insert(
@@ -135,7 +156,7 @@ fn outbound_hypothesis(
     letter: &str,
     peer: WaitsOn,
     has_spans: bool,
-    closed_by_peer: &BTreeMap<String, (usize, i64)>,
+    closed_by_peer: &BTreeMap<String, PeerCalls>,
 ) -> Hypothesis {
     let stuck = &cx.diagnosis.stuck;
     let on_peer: Vec<&StuckSpan> = stuck.iter().filter(|s| s.waits_on == peer).collect();
@@ -188,7 +209,59 @@ fn outbound_hypothesis(
             )
         },
     ));
-    if let Some((n, slowest)) = closed_by_peer.get(peer.as_str()) {
+    let calls = closed_by_peer.get(peer.as_str());
+    if let Some(slow) = calls.map(|c| &c.slow).filter(|s| !s.is_empty()) {
+        let context = std::mem::take(&mut ev);
+        for s in slow.iter().take(MAX_CITED) {
+            ev.push(
+                Evidence::new(
+                    "slow_outbound",
+                    format!(
+                        "outbound {} `{}` took {} ms{} and was then abandoned or answered late",
+                        peer.as_str(),
+                        str_of(&s.attributes, "kms.call").unwrap_or_default(),
+                        ms_between(s.start_ns, s.end_ns),
+                        str_of(&s.attributes, "error.type")
+                            .map(|e| format!(" (error.type {e})"))
+                            .unwrap_or_default()
+                    ),
+                )
+                .span(Some(&s.trace_id), Some(&s.span_id))
+                .at(s.start_ns),
+            );
+        }
+        if slow.len() > MAX_CITED {
+            ev.push(Evidence::new(
+                "slow_outbound",
+                format!(
+                    "... and {} more slow calls like these",
+                    slow.len() - MAX_CITED
+                ),
+            ));
+        }
+        ev.extend(context);
+        let first = &slow[0];
+        let culprit = format!(
+            "{} `{}`{}: {} calls in the failure window took over {} s",
+            peer.as_str(),
+            str_of(&first.attributes, "kms.call").unwrap_or_default(),
+            str_of(&first.attributes, "server.address")
+                .map(|a| match str_of(&first.attributes, "server.port") {
+                    Some(p) => format!(" to {a}:{p}"),
+                    None => format!(" to {a}"),
+                })
+                .unwrap_or_default(),
+            slow.len(),
+            cx.config.slow_call_threshold.as_secs()
+        );
+        return hyp(letter, Verdict::Confirmed, Some(culprit), ev);
+    }
+    if let Some(PeerCalls {
+        count: n,
+        slowest_ms: slowest,
+        ..
+    }) = calls
+    {
         ev.push(Evidence::new(
             "calls_completed",
             format!(
@@ -417,9 +490,13 @@ fn runtime_hypothesis(
     let hang = d.failure.is_some();
     let mut ev = Vec::new();
     let mut culprit = None;
-    // Stalls: in the failure window; with no failure, only stalls still
-    // going on at the end (a transient stall in a healthy run explains no hang).
-    for ep in st.episodes_in(failure).filter(|ep| hang || !ep.ended) {
+    // Short stalls that ended are cited, but explain no hang.
+    let mut transient = Vec::new();
+    let long_ms = i64::try_from(cx.config.long_stall.as_millis()).unwrap_or(i64::MAX);
+    // Stalls in the failure window count when still going on, or (during a
+    // failure) when they lasted long.
+    for ep in st.episodes_in(failure) {
+        let counts = !ep.ended || (hang && ep.duration_ms >= long_ms);
         let who = match (&ep.thread_name, ep.worker) {
             (Some(n), _) => n.clone(),
             (None, Some(w)) => format!("worker {w}"),
@@ -450,6 +527,17 @@ fn runtime_hypothesis(
                 if ep.ended { "" } else { ", still stuck" }
             )
         };
+        if !counts {
+            transient.push(
+                Evidence::new(
+                    "transient_stall",
+                    format!("{summary}; ended, shorter than {long_ms} ms: explains no hang"),
+                )
+                .span(ep.trace_id.as_deref(), ep.span_id.as_deref())
+                .at(ep.first_ns),
+            );
+            continue;
+        }
         if culprit.is_none() && ep.kind != "heartbeat" {
             // Name the request too when the stalled span is a stored one.
             let request = d
@@ -488,7 +576,19 @@ fn runtime_hypothesis(
             .at(ep.first_ns),
         );
     }
-    if st.lagging_samples_in_failure > 0 && hang {
+    if st.lagging_samples_in_failure > 0 && !(st.lag_persistent && hang) {
+        transient.push(Evidence::new(
+            "transient_lag",
+            format!(
+                "{} of {} kms.runtime samples in the window show the heartbeat late (max lag {} ms, threshold {} ms): spikes, not a stall",
+                st.lagging_samples_in_failure,
+                st.samples_in_failure,
+                st.max_lag_in_failure_ms.unwrap_or(0),
+                st.threshold_ms
+            ),
+        ));
+    }
+    if st.lag_persistent && hang {
         let mut e = Evidence::new(
             "heartbeat_lag",
             format!(
@@ -606,7 +706,7 @@ fn runtime_hypothesis(
     }
 
     // No evidence for D. Healthy through the failure window?
-    let healthy = st.covers_failure && st.lagging_samples_in_failure == 0;
+    let healthy = st.covers_failure && !st.lag_persistent;
     let handler: Vec<&StuckSpan> = d
         .stuck
         .iter()
@@ -630,19 +730,21 @@ fn runtime_hypothesis(
                 ),
             ));
         }
+        ev.extend(transient);
         ev.extend(probe);
         return hyp("D", Verdict::Inconclusive, None, ev);
     }
     ev.push(Evidence::new(
         "runtime_healthy",
         format!(
-            "heartbeat healthy through the {}: max lag {} ms over {} kms.runtime samples (threshold {} ms); no poll stall, no deadlock",
+            "heartbeat healthy through the {}: max lag {} ms over {} kms.runtime samples (threshold {} ms); no lasting stall, no deadlock",
             if hang { "failure window" } else { "window" },
             st.max_lag_in_failure_ms.unwrap_or(0),
             st.samples_in_failure,
             st.threshold_ms
         ),
     ).at(failure.from_ns));
+    ev.extend(transient);
     ev.extend(probe);
     if outbound > 0 {
         ev.push(Evidence::new(
