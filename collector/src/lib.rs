@@ -2,6 +2,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod analyse;
+pub mod console;
 pub mod export;
 pub mod forward;
 pub mod probe;
