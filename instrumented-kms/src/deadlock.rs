@@ -12,6 +12,14 @@
 //! (and the library's own threads) join when they start. Threads the library
 //! did not start are reported with their id and backtrace only.
 //!
+//! Latency: a cycle is found at the first check after it forms, but
+//! `check_deadlock` returns only once every deadlocked thread has captured
+//! and symbolized its backtrace. The first symbolization in a process loads
+//! the binary's debug info: measured 1.2-4 s and about 120 MB RSS for a debug
+//! test binary with full debuginfo on a loaded 2-core machine, 0.15 s once
+//! loaded. A binary without debuginfo (the usual release build) pays far
+//! less. We do not pre-load it: that memory would be spent in every run.
+//!
 //! Only locks from parking_lot (and crates built on it, with its
 //! `deadlock_detection` feature on) are seen; std and tokio locks are not.
 
