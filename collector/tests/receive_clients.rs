@@ -311,3 +311,40 @@ async fn spec_json_examples_over_http() {
     .await;
     t.server.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_and_counters_run_periodically() {
+    let t = TestServer::start_with(|c| {
+        c.retention(kms_collector::store::Retention {
+            max_age: Some(Duration::from_millis(300)),
+            max_bytes: None,
+        })
+        .retention_interval(Duration::from_millis(50))
+        .stats_interval(Duration::from_millis(50))
+    })
+    .await;
+    TraceServiceClient::connect(t.grpc_url())
+        .await
+        .expect("connect")
+        .export(trace_request(spans(1, 1, 10)))
+        .await
+        .expect("export");
+    assert_eq!(t.query_i64("SELECT COUNT(*) FROM spans"), 10);
+    let db = t.dir.path().join("kms-diag.sqlite");
+    let count = |sql: &str| -> i64 {
+        open_ro(&db)
+            .query_row(sql, [], |r| r.get(0))
+            .expect("query")
+    };
+    wait_until_async("the counters to be stored", Duration::from_secs(5), || {
+        count("SELECT COUNT(*) FROM collector_stats WHERE name = 'receiver.spans_stored' AND value = 10") > 0
+    })
+    .await;
+    wait_until_async(
+        "retention to remove the old spans",
+        Duration::from_secs(5),
+        || count("SELECT COUNT(*) FROM spans") == 0,
+    )
+    .await;
+    t.server.shutdown().await.expect("clean shutdown");
+}

@@ -8,9 +8,11 @@ use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use serde_json::{Map, Number, Value};
+use std::sync::Arc;
 
-use crate::store::{EventRow, MetricSample, SpanRow};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+
+use crate::store::encoded::{EncodedEvent, EncodedMetric, EncodedSpan};
 
 /// The attribute that marks an open-span snapshot (docs/wire-format.md).
 pub(crate) const INCOMPLETE_ATTR: &str = "incomplete";
@@ -54,34 +56,63 @@ fn nanos(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
 }
 
-/// An OTLP value as JSON. Bytes become lowercase hex; non-finite doubles null.
-pub(crate) fn any_value_json(value: &AnyValue) -> Value {
-    match &value.value {
-        None => Value::Null,
-        Some(any_value::Value::StringValue(s)) => Value::String(s.clone()),
-        Some(any_value::Value::BoolValue(b)) => Value::Bool(*b),
-        Some(any_value::Value::IntValue(i)) => Value::Number((*i).into()),
-        Some(any_value::Value::DoubleValue(d)) => {
-            Number::from_f64(*d).map_or(Value::Null, Value::Number)
+/// An OTLP value written as JSON: bytes as lowercase hex, non-finite
+/// doubles as null. Serialised straight from the message, with no
+/// intermediate `serde_json::Value`.
+pub(crate) struct ValueJson<'a>(pub(crate) &'a AnyValue);
+
+impl Serialize for ValueJson<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        match &self.0.value {
+            None => ser.serialize_unit(),
+            Some(any_value::Value::StringValue(s)) => ser.serialize_str(s),
+            Some(any_value::Value::BoolValue(b)) => ser.serialize_bool(*b),
+            Some(any_value::Value::IntValue(i)) => ser.serialize_i64(*i),
+            Some(any_value::Value::DoubleValue(d)) if d.is_finite() => ser.serialize_f64(*d),
+            Some(any_value::Value::DoubleValue(_)) => ser.serialize_unit(),
+            Some(any_value::Value::ArrayValue(a)) => {
+                let mut seq = ser.serialize_seq(Some(a.values.len()))?;
+                for v in &a.values {
+                    seq.serialize_element(&ValueJson(v))?;
+                }
+                seq.end()
+            }
+            Some(any_value::Value::KvlistValue(kv)) => AttrsJson(&kv.values).serialize(ser),
+            Some(any_value::Value::BytesValue(b)) => ser.serialize_str(&hex(b)),
+            // A profiles-only string-table index: meaningless without the table.
+            Some(any_value::Value::StringValueStrindex(i)) => ser.serialize_i64(i64::from(*i)),
         }
-        Some(any_value::Value::ArrayValue(a)) => {
-            Value::Array(a.values.iter().map(any_value_json).collect())
-        }
-        Some(any_value::Value::KvlistValue(kv)) => Value::Object(attributes_json(&kv.values)),
-        Some(any_value::Value::BytesValue(b)) => Value::String(hex(b)),
-        // A profiles-only string-table index: meaningless without the table.
-        Some(any_value::Value::StringValueStrindex(i)) => Value::Number((*i).into()),
     }
 }
 
-fn attributes_json(attrs: &[KeyValue]) -> Map<String, Value> {
-    attrs
-        .iter()
-        .map(|kv| {
-            let v = kv.value.as_ref().map_or(Value::Null, any_value_json);
-            (kv.key.clone(), v)
-        })
-        .collect()
+/// OTLP attributes written as one JSON object.
+pub(crate) struct AttrsJson<'a>(pub(crate) &'a [KeyValue]);
+
+impl Serialize for AttrsJson<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let mut map = ser.serialize_map(Some(self.0.len()))?;
+        for kv in self.0 {
+            match &kv.value {
+                Some(v) => map.serialize_entry(&kv.key, &ValueJson(v))?,
+                None => map.serialize_entry(&kv.key, &())?,
+            }
+        }
+        map.end()
+    }
+}
+
+/// A span event in the `spans.events` JSON array.
+#[derive(serde::Serialize)]
+struct SpanEventJson<'a> {
+    time_ns: i64,
+    name: &'a str,
+    attributes: AttrsJson<'a>,
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    // Our serialisers only emit strings, numbers, bools and nulls, with
+    // string keys: writing them to a String cannot fail.
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
 
 fn find<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
@@ -92,9 +123,9 @@ fn find<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
         .and_then(|v| v.value.as_ref())
 }
 
-fn service_name(resource: Option<&Resource>) -> Option<String> {
+fn service_name(resource: Option<&Resource>) -> Option<Arc<str>> {
     match find(resource.map_or(&[], |r| &r.attributes), "service.name") {
-        Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+        Some(any_value::Value::StringValue(s)) => Some(Arc::from(s.as_str())),
         _ => None,
     }
 }
@@ -114,15 +145,15 @@ pub(crate) fn span_is_snapshot(span: &Span) -> bool {
 
 /// Spans of an export request as rows. Spans with an invalid trace, span or
 /// parent id are rejected (counted, not stored).
-pub(crate) fn traces(req: &ExportTraceServiceRequest, received_ns: i64) -> Converted<SpanRow> {
+pub(crate) fn traces(req: &ExportTraceServiceRequest, received_ns: i64) -> Converted<EncodedSpan> {
     let mut out = Converted::default();
     for rs in &req.resource_spans {
         let service = service_name(rs.resource.as_ref());
-        let resource = Value::Object(attributes_json(
+        let resource: Arc<str> = Arc::from(to_json(&AttrsJson(
             rs.resource.as_ref().map_or(&[], |r| &r.attributes),
-        ));
+        )));
         for ss in &rs.scope_spans {
-            let scope = ss.scope.as_ref().map(|s| s.name.clone());
+            let scope: Option<Arc<str>> = ss.scope.as_ref().map(|s| Arc::from(s.name.as_str()));
             for span in &ss.spans {
                 if !valid_id(&span.trace_id, 16)
                     || !valid_id(&span.span_id, 8)
@@ -136,19 +167,17 @@ pub(crate) fn traces(req: &ExportTraceServiceRequest, received_ns: i64) -> Conve
                     Some(any_value::Value::IntValue(i)) if incomplete => Some(*i),
                     _ => None,
                 };
-                let events = span
+                let events: Vec<SpanEventJson<'_>> = span
                     .events
                     .iter()
-                    .map(|e| {
-                        serde_json::json!({
-                            "time_ns": nanos(e.time_unix_nano),
-                            "name": e.name,
-                            "attributes": attributes_json(&e.attributes),
-                        })
+                    .map(|e| SpanEventJson {
+                        time_ns: nanos(e.time_unix_nano),
+                        name: &e.name,
+                        attributes: AttrsJson(&e.attributes),
                     })
                     .collect();
                 let status = span.status.as_ref();
-                out.rows.push(SpanRow {
+                out.rows.push(EncodedSpan {
                     trace_id: hex(&span.trace_id),
                     span_id: hex(&span.span_id),
                     parent_span_id: valid_id(&span.parent_span_id, 8)
@@ -163,8 +192,8 @@ pub(crate) fn traces(req: &ExportTraceServiceRequest, received_ns: i64) -> Conve
                     status_message: status.map(|s| s.message.clone()).filter(|m| !m.is_empty()),
                     incomplete,
                     snapshot_seq,
-                    attributes: Value::Object(attributes_json(&span.attributes)),
-                    events: Value::Array(events),
+                    attributes: to_json(&AttrsJson(&span.attributes)),
+                    events: to_json(&events),
                     resource: resource.clone(),
                     received_ns,
                 });
@@ -209,7 +238,7 @@ fn event_name(record: &LogRecord) -> String {
 
 /// Log records of an export request as event rows. Nothing is rejected: an
 /// invalid trace or span id is dropped from the row, the record kept.
-pub(crate) fn logs(req: &ExportLogsServiceRequest, received_ns: i64) -> Converted<EventRow> {
+pub(crate) fn logs(req: &ExportLogsServiceRequest, received_ns: i64) -> Converted<EncodedEvent> {
     let mut out = Converted::default();
     for rl in &req.resource_logs {
         let service = service_name(rl.resource.as_ref());
@@ -222,19 +251,19 @@ pub(crate) fn logs(req: &ExportLogsServiceRequest, received_ns: i64) -> Converte
                 };
                 let body = record.body.as_ref().map(|b| match &b.value {
                     Some(any_value::Value::StringValue(s)) => s.clone(),
-                    _ => any_value_json(b).to_string(),
+                    _ => to_json(&ValueJson(b)),
                 });
-                out.rows.push(EventRow {
-                    time_ns: nanos(time),
-                    name: event_name(record),
-                    severity: severity(record),
-                    trace_id: valid_id(&record.trace_id, 16).then(|| hex(&record.trace_id)),
-                    span_id: valid_id(&record.span_id, 8).then(|| hex(&record.span_id)),
-                    service: service.clone(),
+                out.rows.push(EncodedEvent::new(
+                    nanos(time),
+                    event_name(record),
+                    severity(record),
+                    valid_id(&record.trace_id, 16).then(|| hex(&record.trace_id)),
+                    valid_id(&record.span_id, 8).then(|| hex(&record.span_id)),
+                    service.clone(),
                     body,
-                    attributes: Value::Object(attributes_json(&record.attributes)),
+                    to_json(&AttrsJson(&record.attributes)),
                     received_ns,
-                });
+                ));
             }
         }
     }
@@ -246,21 +275,21 @@ pub(crate) fn logs(req: &ExportLogsServiceRequest, received_ns: i64) -> Converte
 pub(crate) fn metrics(
     req: &ExportMetricsServiceRequest,
     received_ns: i64,
-) -> Converted<MetricSample> {
+) -> Converted<EncodedMetric> {
     let mut out = Converted::default();
     for rm in &req.resource_metrics {
         let service = service_name(rm.resource.as_ref());
         for sm in &rm.scope_metrics {
             for m in &sm.metrics {
                 let mut push = |time: u64, value: Option<f64>, attrs: &[KeyValue]| {
-                    out.rows.push(MetricSample {
-                        time_ns: nanos(time),
-                        name: m.name.clone(),
-                        value: value.filter(|v| v.is_finite()),
-                        attributes: Value::Object(attributes_json(attrs)),
-                        service: service.clone(),
+                    out.rows.push(EncodedMetric::new(
+                        nanos(time),
+                        m.name.clone(),
+                        value.filter(|v| v.is_finite()),
+                        to_json(&AttrsJson(attrs)),
+                        service.clone(),
                         received_ns,
-                    });
+                    ));
                 };
                 let number = |v: &Option<number_data_point::Value>| match v {
                     Some(number_data_point::Value::AsDouble(d)) => Some(*d),
@@ -341,13 +370,36 @@ mod tests {
 
     #[test]
     fn values_become_json() {
-        let v = AnyValue {
-            value: Some(any_value::Value::BytesValue(vec![0xab, 0x01])),
-        };
-        assert_eq!(any_value_json(&v), Value::String("ab01".into()));
-        let v = AnyValue {
-            value: Some(any_value::Value::DoubleValue(f64::NAN)),
-        };
-        assert_eq!(any_value_json(&v), Value::Null);
+        let v = |value| AnyValue { value: Some(value) };
+        let attrs = vec![
+            KeyValue {
+                key: "b".into(),
+                value: Some(v(any_value::Value::BytesValue(vec![0xab, 0x01]))),
+                ..Default::default()
+            },
+            KeyValue {
+                key: "nan".into(),
+                value: Some(v(any_value::Value::DoubleValue(f64::NAN))),
+                ..Default::default()
+            },
+            KeyValue {
+                key: "list".into(),
+                value: Some(v(any_value::Value::ArrayValue(
+                    opentelemetry_proto::tonic::common::v1::ArrayValue {
+                        values: vec![v(any_value::Value::IntValue(-3))],
+                    },
+                ))),
+                ..Default::default()
+            },
+            KeyValue {
+                key: "q\"uote".into(),
+                value: None,
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            to_json(&AttrsJson(&attrs)),
+            r#"{"b":"ab01","nan":null,"list":[-3],"q\"uote":null}"#
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The receive stage: OTLP over gRPC ([`grpc`]) and HTTP ([`http`]).
 //!
 //! A receiver only decodes, counts and hands on: each export request becomes
-//! one [`Record::Batch`] sent through the store stage's bounded queue, and the
+//! one [`Record::Encoded`] sent through the store stage's bounded queue, and the
 //! client gets its answer once that batch is committed. A full queue becomes
 //! `UNAVAILABLE` / HTTP 503 with `Retry-After`, so an OTLP exporter backs off
 //! and retries; a retried export is stored once (the store is idempotent).
@@ -21,7 +21,8 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
 use crate::forward::{ForwardItem, Forwarder};
-use crate::store::{Batch, Record, StoreHandle, SubmitError};
+use crate::store::encoded::EncodedBatch;
+use crate::store::{Record, StoreHandle, SubmitError};
 
 /// How long a client may take to send its request headers (HTTP) or its
 /// whole request (both), by default.
@@ -185,8 +186,8 @@ impl Ingest {
     }
 
     /// Stores `batch` and waits for its commit.
-    async fn commit(&self, batch: Batch) -> Result<(), IngestError> {
-        let pending = match self.store.try_write(vec![Record::Batch(batch)]) {
+    async fn commit(&self, batch: EncodedBatch) -> Result<(), IngestError> {
+        let pending = match self.store.try_write(vec![Record::Encoded(batch)]) {
             Ok(p) => p,
             Err(SubmitError::Busy) => {
                 self.stats.requests_refused.fetch_add(1, Ordering::Relaxed);
@@ -228,9 +229,9 @@ impl Ingest {
             .spans_rejected
             .fetch_add(conv.rejected as u64, Ordering::Relaxed);
         if n > 0 {
-            self.commit(Batch {
+            self.commit(EncodedBatch {
                 spans: conv.rows,
-                ..Batch::default()
+                ..EncodedBatch::default()
             })
             .await?;
             self.stats.spans_stored.fetch_add(n, Ordering::Relaxed);
@@ -250,9 +251,9 @@ impl Ingest {
         let conv = convert::logs(&req, now_ns());
         let n = conv.rows.len() as u64;
         if n > 0 {
-            self.commit(Batch {
+            self.commit(EncodedBatch {
                 events: conv.rows,
-                ..Batch::default()
+                ..EncodedBatch::default()
             })
             .await?;
             self.stats
@@ -271,9 +272,9 @@ impl Ingest {
         let conv = convert::metrics(&req, now_ns());
         let n = conv.rows.len() as u64;
         if n > 0 {
-            self.commit(Batch {
+            self.commit(EncodedBatch {
                 metrics: conv.rows,
-                ..Batch::default()
+                ..EncodedBatch::default()
             })
             .await?;
             self.stats

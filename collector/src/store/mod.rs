@@ -2,12 +2,14 @@
 //!
 //! The schema is `schema.sql` (documented for operators in `docs/schema.md`).
 
+pub(crate) mod encoded;
 mod model;
 mod reader;
 mod sqlite;
 mod stage;
 mod writer;
 
+pub use encoded::EncodedBatch;
 pub use model::{
     Batch, ConsoleAsyncOpRow, ConsoleResourceRow, ConsoleSnapshot, ConsoleTaskRow, EventRow,
     MetricSample, ProbeAttempt, ProbeOutcome, SpanRow,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{Batch, ConsoleSnapshot, ProbeAttempt};
+use super::{Batch, ConsoleSnapshot, EncodedBatch, ProbeAttempt};
 
 /// One thing to store. A slice of records is written in one transaction.
 #[derive(Debug, Clone, PartialEq)]
@@ -10,6 +10,8 @@ use super::{Batch, ConsoleSnapshot, ProbeAttempt};
 pub enum Record {
     /// What one OTLP export request decoded into.
     Batch(Batch),
+    /// The same, already encoded for storage (what the receivers send).
+    Encoded(EncodedBatch),
     /// One GetMeta probe attempt.
     Probe(ProbeAttempt),
     /// One tokio-console snapshot.
