@@ -45,6 +45,7 @@ pub struct Builder {
     otlp_endpoint: Option<String>,
     export_queue_capacity: Option<usize>,
     export_timeout: Option<Duration>,
+    trace_rate_limit: Option<u32>,
     console: Option<bool>,
     console_bind: Option<SocketAddr>,
     console_retention: Option<Duration>,
@@ -77,6 +78,8 @@ pub struct Settings {
     pub export_queue_capacity: usize,
     /// Timeout of one export request.
     pub export_timeout: Duration,
+    /// New traces per second sampled for ordinary export (0: all).
+    pub trace_rate_limit: u32,
     /// tokio-console server on (needs feature `console`).
     pub console: bool,
     /// tokio-console bind address.
@@ -116,6 +119,8 @@ impl Builder {
     pub const DEFAULT_EXPORT_QUEUE_CAPACITY: usize = 4096;
     /// Default timeout of one export request.
     pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
+    /// Default rate limit of traces sampled for ordinary export, per second.
+    pub const DEFAULT_TRACE_RATE_LIMIT: u32 = 1000;
     /// Default tokio-console bind address.
     pub const DEFAULT_CONSOLE_BIND: SocketAddr =
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 6669));
@@ -185,6 +190,19 @@ impl Builder {
     /// [`KMS_DIAG_EXPORT_TIMEOUT`](env::KMS_DIAG_EXPORT_TIMEOUT).
     pub fn export_timeout(mut self, timeout: Duration) -> Self {
         self.export_timeout = Some(timeout);
+        self
+    }
+
+    /// At most this many new traces per second are sampled for ordinary
+    /// export; 0 exports all. The decision is taken at the root span, so a
+    /// sampled trace is complete. Spans that are slow (over the open-span
+    /// threshold), failed, or were reported open are exported whatever the
+    /// decision. At a KMS's usual rates every trace is sampled; under a flood
+    /// this bounds the export's CPU cost. Default
+    /// [`Self::DEFAULT_TRACE_RATE_LIMIT`]; env
+    /// [`KMS_DIAG_TRACE_RATE`](env::KMS_DIAG_TRACE_RATE).
+    pub fn trace_rate_limit(mut self, traces_per_second: u32) -> Self {
+        self.trace_rate_limit = Some(traces_per_second);
         self
     }
 
@@ -403,6 +421,15 @@ impl Builder {
                 &[KMS_DIAG_EXPORT_TIMEOUT],
                 Self::DEFAULT_EXPORT_TIMEOUT,
             )?,
+            trace_rate_limit: match self.trace_rate_limit {
+                Some(n) => n,
+                None => env::integer::<u32>(
+                    env,
+                    &[KMS_DIAG_TRACE_RATE],
+                    "a number of traces per second (0: no limit)",
+                )?
+                .unwrap_or(Self::DEFAULT_TRACE_RATE_LIMIT),
+            },
             console: match self.console {
                 Some(b) => b,
                 None => env::boolean(env, &[KMS_DIAG_CONSOLE])?.unwrap_or(true),

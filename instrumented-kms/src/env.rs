@@ -29,6 +29,8 @@ pub const KMS_DIAG_OTLP: &str = "KMS_DIAG_OTLP";
 pub const KMS_DIAG_EXPORT_QUEUE: &str = "KMS_DIAG_EXPORT_QUEUE";
 /// Timeout of one export request.
 pub const KMS_DIAG_EXPORT_TIMEOUT: &str = "KMS_DIAG_EXPORT_TIMEOUT";
+/// New traces per second sampled for ordinary export (0: no limit).
+pub const KMS_DIAG_TRACE_RATE: &str = "KMS_DIAG_TRACE_RATE";
 /// tokio-console server on or off.
 pub const KMS_DIAG_CONSOLE: &str = "KMS_DIAG_CONSOLE";
 /// tokio-console bind address. Falls back to [`TOKIO_CONSOLE_BIND`].

@@ -29,6 +29,11 @@ pub struct ExportStats {
     pub dropped_spans: u64,
     /// Events dropped since start.
     pub dropped_events: u64,
+    /// Ordinary spans not exported because their trace was not sampled
+    /// (see [`Builder::trace_rate_limit`]).
+    pub sampled_out_spans: u64,
+    /// Open-span snapshots taken (each goes to the priority lane).
+    pub snapshots: u64,
     /// Spans (closed and snapshots) the collector accepted.
     pub exported_spans: u64,
     /// Events the collector accepted.
@@ -330,9 +335,15 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
     if closed.is_some() || track_threads {
         let sink = closed.unwrap_or_else(|| Arc::new(DiscardClosed));
         layers.push(
-            SpanLayer::new(open, sink, settings.open_span_threshold, track_threads)
-                .with_filter(span_filter())
-                .boxed(),
+            SpanLayer::new(
+                open,
+                sink,
+                settings.open_span_threshold,
+                track_threads,
+                crate::spans::Sampler::new(settings.trace_rate_limit),
+            )
+            .with_filter(span_filter())
+            .boxed(),
         );
     }
 

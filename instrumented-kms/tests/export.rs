@@ -271,6 +271,7 @@ fn collector_absent_then_back_drops_are_counted_and_reported() {
     let addr = support::unused_addr();
     let (guard, _default) = start(
         builder(&format!("http://{addr}"))
+            .trace_rate_limit(0)
             .export_queue_capacity(100)
             .export_timeout(Duration::from_millis(500)),
     );
@@ -310,6 +311,7 @@ fn black_holed_collector_keeps_the_app_serving_with_bounded_memory() {
     let hole = BlackHole::start();
     let (guard, _default) = start(
         builder(&hole.endpoint())
+            .trace_rate_limit(0)
             .export_queue_capacity(256)
             .export_timeout(Duration::from_millis(300)),
     );
@@ -335,4 +337,36 @@ fn black_holed_collector_keeps_the_app_serving_with_bounded_memory() {
     let started = Instant::now();
     guard.shutdown(Duration::from_millis(500));
     assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn rate_limited_traces_never_cost_slow_failed_or_stuck_spans() {
+    let receiver = Receiver::start();
+    let (guard, _default) = start(builder(&receiver.endpoint()).trace_rate_limit(5));
+    for i in 0..200 {
+        let _span = tracing::info_span!("fast", i).entered();
+    }
+    {
+        let _failed = tracing::info_span!("failed").entered();
+        tracing::error!("Something broke.");
+    }
+    let stuck = tracing::info_span!("stuck");
+    receiver.wait_for_span("a snapshot of stuck", WAIT, |s| {
+        s.span.name == "stuck" && s.is_snapshot()
+    });
+    drop(stuck);
+
+    let failed = receiver.wait_for_span_named("failed", WAIT);
+    assert_eq!(failed.span.status.as_ref().map(|s| s.code), Some(2));
+    receiver.wait_for_span_named("stuck", WAIT);
+    let fast = receiver
+        .spans()
+        .iter()
+        .filter(|s| s.span.name == "fast")
+        .count() as u64;
+    // Five per second; a second boundary during the loop may allow five more.
+    assert!((1..=10).contains(&fast), "{fast} fast spans exported");
+    let stats = guard.export_stats().unwrap();
+    assert_eq!(stats.sampled_out_spans + fast, 200);
+    assert_eq!(stats.dropped_spans, 0);
 }

@@ -79,6 +79,17 @@ fn value(v: &Value) -> AnyValue {
     }
 }
 
+fn value_owned(v: Value) -> AnyValue {
+    AnyValue {
+        value: Some(match v {
+            Value::Str(s) => any_value::Value::StringValue(s),
+            Value::Int(i) => any_value::Value::IntValue(i),
+            Value::Float(f) => any_value::Value::DoubleValue(f),
+            Value::Bool(b) => any_value::Value::BoolValue(b),
+        }),
+    }
+}
+
 fn attr_value(v: &AttrValue) -> AnyValue {
     AnyValue {
         value: Some(match v {
@@ -90,9 +101,18 @@ fn attr_value(v: &AttrValue) -> AnyValue {
     }
 }
 
-/// The parts of a span shared by closed spans and snapshots.
-fn span_base(record: &SpanRecord, end_unix_nanos: u64) -> Span {
-    let m = record.lock();
+/// The parts of a span shared by closed spans and snapshots. A closed span
+/// gives its attributes away (`take`); a snapshot copies them.
+fn span_base(record: &SpanRecord, end_unix_nanos: u64, take: bool) -> Span {
+    let mut m = record.lock();
+    let attributes = if take {
+        std::mem::take(&mut m.attributes)
+            .into_iter()
+            .map(|(k, v)| kv(k, value_owned(v)))
+            .collect()
+    } else {
+        m.attributes.iter().map(|(k, v)| kv(k, value(v))).collect()
+    };
     Span {
         trace_id: record.trace_id.to_vec(),
         span_id: record.span_id.to_vec(),
@@ -104,7 +124,7 @@ fn span_base(record: &SpanRecord, end_unix_nanos: u64) -> Span {
         kind: m.kind as i32,
         start_time_unix_nano: record.start_unix_nanos,
         end_time_unix_nano: end_unix_nanos,
-        attributes: m.attributes.iter().map(|(k, v)| kv(k, value(v))).collect(),
+        attributes,
         status: Some(Status {
             code: match m.status {
                 SpanStatus::Unset => status::StatusCode::Unset,
@@ -119,7 +139,7 @@ fn span_base(record: &SpanRecord, end_unix_nanos: u64) -> Span {
 
 /// A closed span.
 pub(crate) fn closed_span(span: &ClosedSpan) -> Span {
-    span_base(&span.record, span.end_unix_nanos)
+    span_base(&span.record, span.end_unix_nanos, true)
 }
 
 /// An open-span snapshot: same ids, end = now, `incomplete = true`, age and
@@ -130,7 +150,7 @@ pub(crate) fn snapshot(
     now: SystemTime,
     now_instant: Instant,
 ) -> Span {
-    let mut span = span_base(record, crate::spans::unix_nanos(now));
+    let mut span = span_base(record, crate::spans::unix_nanos(now), false);
     let age = now_instant.saturating_duration_since(record.start);
     span.attributes.push(kv(
         "incomplete",

@@ -48,6 +48,10 @@ pub(crate) struct ExportQueue {
     dropped_events: AtomicU64,
     pub(crate) exported_spans: AtomicU64,
     pub(crate) exported_events: AtomicU64,
+    /// Ordinary spans not exported because their trace was not sampled.
+    pub(crate) sampled_out: AtomicU64,
+    /// Open-span snapshots queued so far.
+    pub(crate) snapshots: AtomicU64,
     /// Items of the batch being exported.
     pub(crate) in_flight: AtomicUsize,
     closing: AtomicBool,
@@ -66,6 +70,8 @@ impl ExportQueue {
             dropped_events: AtomicU64::new(0),
             exported_spans: AtomicU64::new(0),
             exported_events: AtomicU64::new(0),
+            snapshots: AtomicU64::new(0),
+            sampled_out: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
         }
@@ -198,6 +204,8 @@ impl ExportQueue {
         ExportStats {
             queued,
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            snapshots: self.snapshots.load(Ordering::Relaxed),
+            sampled_out_spans: self.sampled_out.load(Ordering::Relaxed),
             ordinary_capacity: self.ordinary_cap,
             priority_capacity: self.priority_cap,
             dropped_spans,
@@ -211,5 +219,9 @@ impl ExportQueue {
 impl crate::spans::ClosedSpanSink for ExportQueue {
     fn closed(&self, span: ClosedSpan) {
         self.push_closed(span)
+    }
+
+    fn sampled_out(&self) {
+        self.sampled_out.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -13,9 +13,11 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
-use super::record::{unix_nanos, ClosedSpan, Mutable, SpanKind, SpanRecord, SpanStatus, Value};
+use super::record::{
+    instant_unix_nanos, ClosedSpan, Mutable, SpanKind, SpanRecord, SpanStatus, Value,
+};
 use super::registry::{self, OpenSpans};
-use super::{ids, redact, ClosedSpanSink};
+use super::{ids, redact, ClosedSpanSink, Sampler};
 
 /// Tracks spans; see the module docs.
 pub(crate) struct SpanLayer {
@@ -25,6 +27,7 @@ pub(crate) struct SpanLayer {
     slow_threshold: Duration,
     /// Keep per-thread stacks of entered spans (for the watchdog).
     track_threads: bool,
+    sampler: Sampler,
 }
 
 impl fmt::Debug for SpanLayer {
@@ -42,12 +45,14 @@ impl SpanLayer {
         sink: Arc<dyn ClosedSpanSink>,
         slow_threshold: Duration,
         track_threads: bool,
+        sampler: Sampler,
     ) -> Self {
         Self {
             open,
             sink,
             slow_threshold,
             track_threads,
+            sampler,
         }
     }
 }
@@ -59,35 +64,34 @@ struct FieldVisitor<'a> {
 }
 
 impl FieldVisitor<'_> {
-    fn put(&mut self, field: &Field, value: Value) {
-        let key = field.name();
+    /// Handles the `otel.*` conventions and `message`; true when consumed.
+    fn special(&mut self, key: &str, value: &str) -> bool {
         match key {
-            "message" => return,
-            "otel.name" => {
-                if let Value::Str(s) = value {
-                    self.m.name = Cow::Owned(s);
-                }
-                return;
-            }
+            "message" => {}
+            "otel.name" => self.m.name = Cow::Owned(value.to_owned()),
             "otel.kind" => {
-                if let Value::Str(s) = &value {
-                    if let Some(kind) = SpanKind::parse(s) {
-                        self.m.kind = kind;
-                    }
+                if let Some(kind) = SpanKind::parse(value) {
+                    self.m.kind = kind;
                 }
-                return;
             }
             "otel.status_code" => {
-                if let Value::Str(s) = &value {
-                    self.m.status = match s.to_ascii_lowercase().as_str() {
-                        "error" => SpanStatus::Error,
-                        "ok" => SpanStatus::Ok,
-                        _ => SpanStatus::Unset,
-                    };
+                self.m.status = if value.eq_ignore_ascii_case("error") {
+                    SpanStatus::Error
+                } else if value.eq_ignore_ascii_case("ok") {
+                    SpanStatus::Ok
+                } else {
+                    SpanStatus::Unset
                 }
-                return;
             }
-            _ => {}
+            _ => return false,
+        }
+        true
+    }
+
+    fn put(&mut self, field: &Field, value: Value) {
+        let key = field.name();
+        if key == "message" {
+            return;
         }
         let Some(value) = redact::attribute(key, value) else {
             return;
@@ -101,7 +105,9 @@ impl FieldVisitor<'_> {
 
 impl Visit for FieldVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.put(field, Value::Str(value.to_owned()));
+        if !self.special(field.name(), value) {
+            self.put(field, Value::Str(value.to_owned()));
+        }
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.put(field, Value::Int(value));
@@ -116,7 +122,10 @@ impl Visit for FieldVisitor<'_> {
         self.put(field, Value::Float(value));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.put(field, Value::Str(format!("{value:?}")));
+        let value = format!("{value:?}");
+        if !self.special(field.name(), &value) {
+            self.put(field, Value::Str(value));
+        }
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         self.put(field, Value::Str(value.to_string()));
@@ -132,9 +141,10 @@ where
         let parent = span
             .parent()
             .and_then(|p| p.extensions().get::<Arc<SpanRecord>>().cloned());
-        let (trace_id, parent_span_id) = match &parent {
-            Some(p) => (p.trace_id, Some(p.span_id)),
-            None => (ids::trace_id(), None),
+        let start = Instant::now();
+        let (trace_id, parent_span_id, sampled) = match &parent {
+            Some(p) => (p.trace_id, Some(p.span_id), p.sampled),
+            None => (ids::trace_id(), None, self.sampler.sample(start)),
         };
         let mut mutable = Mutable {
             name: Cow::Borrowed(attrs.metadata().name()),
@@ -147,9 +157,10 @@ where
             trace_id,
             span_id: ids::span_id(),
             parent_span_id,
-            start_unix_nanos: unix_nanos(SystemTime::now()),
-            start: Instant::now(),
+            start_unix_nanos: instant_unix_nanos(start),
+            start,
             mutable: Mutex::new(mutable),
+            sampled,
             snapshot_seq: AtomicU32::new(0),
         });
         self.open.insert(record.clone());
@@ -207,12 +218,17 @@ where
             return;
         };
         self.open.remove(&record);
+        let end = Instant::now();
         let priority = record.was_snapshotted()
-            || record.start.elapsed() >= self.slow_threshold
+            || end.saturating_duration_since(record.start) >= self.slow_threshold
             || record.lock().status == SpanStatus::Error;
+        if !priority && !record.sampled {
+            self.sink.sampled_out();
+            return;
+        }
         self.sink.closed(ClosedSpan {
             record,
-            end_unix_nanos: unix_nanos(SystemTime::now()),
+            end_unix_nanos: instant_unix_nanos(end),
             priority,
         });
     }

@@ -16,6 +16,7 @@ mod redact;
 mod registry;
 #[cfg(feature = "otlp")]
 pub(crate) mod reporter;
+mod sampler;
 
 pub(crate) use layer::SpanLayer;
 #[allow(unused_imports)]
@@ -23,6 +24,7 @@ pub(crate) use record::{unix_nanos, ClosedSpan, SpanKind, SpanRecord, SpanStatus
 pub(crate) use redact::split_url;
 #[allow(unused_imports)]
 pub(crate) use registry::OpenSpans;
+pub(crate) use sampler::Sampler;
 
 /// What the watchdog needs to know about the span a thread is in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +50,10 @@ pub(crate) fn current_span_on_thread(tid: i32) -> Option<SpanRef> {
 pub(crate) trait ClosedSpanSink: Send + Sync + 'static {
     /// Takes one closed span. Must not block.
     fn closed(&self, span: ClosedSpan);
+
+    /// Counts an ordinary span not exported because its trace was not
+    /// sampled (the rate limit was reached).
+    fn sampled_out(&self) {}
 }
 
 /// A sink that discards closed spans (span tracking for the watchdog only).

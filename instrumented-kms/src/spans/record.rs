@@ -27,14 +27,16 @@ pub(crate) enum SpanKind {
 
 impl SpanKind {
     pub(crate) fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "internal" => Some(Self::Internal),
-            "server" => Some(Self::Server),
-            "client" => Some(Self::Client),
-            "producer" => Some(Self::Producer),
-            "consumer" => Some(Self::Consumer),
-            _ => None,
-        }
+        [
+            ("internal", Self::Internal),
+            ("server", Self::Server),
+            ("client", Self::Client),
+            ("producer", Self::Producer),
+            ("consumer", Self::Consumer),
+        ]
+        .into_iter()
+        .find(|(name, _)| s.eq_ignore_ascii_case(name))
+        .map(|(_, kind)| kind)
     }
 }
 
@@ -65,6 +67,10 @@ pub(crate) struct SpanRecord {
     pub(crate) start_unix_nanos: u64,
     pub(crate) start: Instant,
     pub(crate) mutable: Mutex<Mutable>,
+    /// Whether this span's trace was sampled for ordinary export (decided at
+    /// the root). Unsampled spans are still exported if they turn out slow,
+    /// failed or stuck.
+    pub(crate) sampled: bool,
     /// How many open-span snapshots were taken (0: never reported open).
     pub(crate) snapshot_seq: AtomicU32,
 }
@@ -96,6 +102,21 @@ pub(crate) struct ClosedSpan {
     /// Slow (over the open-span threshold), error, or reported open before:
     /// takes the export queue's priority lane.
     pub(crate) priority: bool,
+}
+
+/// Wall-clock time of an [`Instant`], from one (wall, monotonic) pair read
+/// once per process: one clock read per timestamp instead of two (clock
+/// reads are not free in every VM).
+pub(crate) fn instant_unix_nanos(t: Instant) -> u64 {
+    static BASE: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+    let (base_instant, base_unix) =
+        *BASE.get_or_init(|| (Instant::now(), unix_nanos(SystemTime::now())));
+    match t.checked_duration_since(base_instant) {
+        Some(d) => base_unix.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        None => base_unix.saturating_sub(
+            u64::try_from(base_instant.duration_since(t).as_nanos()).unwrap_or(u64::MAX),
+        ),
+    }
 }
 
 /// Now as nanoseconds since the Unix epoch.

@@ -63,25 +63,42 @@ pub(crate) const REDACTED: &str = "[redacted]";
 
 /// The value to record for attribute `key`, or `None` to drop it.
 pub(crate) fn attribute(key: &str, value: Value) -> Option<Value> {
-    let lower = key.to_ascii_lowercase();
-    if let Some(header) = lower
-        .strip_prefix("http.request.header.")
-        .or_else(|| lower.strip_prefix("http.response.header."))
-    {
-        return HEADER_ALLOW_LIST
-            .contains(&header)
-            .then(|| sanitize_value(value));
-    }
-    if lower == "url.query" || lower == "url.fragment" {
-        return None;
-    }
-    if ALLOWED.contains(&lower.as_str()) {
+    // Fast path: the names our own spans use.
+    if ALLOWED.contains(&key) {
         return Some(sanitize_value(value));
     }
-    if SENSITIVE.iter().any(|s| lower.contains(s)) {
+    let header = strip_prefix_ignore_case(key, "http.request.header.")
+        .or_else(|| strip_prefix_ignore_case(key, "http.response.header."));
+    if let Some(header) = header {
+        return HEADER_ALLOW_LIST
+            .iter()
+            .any(|h| header.eq_ignore_ascii_case(h))
+            .then(|| sanitize_value(value));
+    }
+    if key.eq_ignore_ascii_case("url.query") || key.eq_ignore_ascii_case("url.fragment") {
+        return None;
+    }
+    if ALLOWED.iter().any(|a| key.eq_ignore_ascii_case(a)) {
+        return Some(sanitize_value(value));
+    }
+    if SENSITIVE.iter().any(|s| contains_ignore_case(key, s)) {
         return Some(Value::Str(REDACTED.to_owned()));
     }
     Some(sanitize_value(value))
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+/// Whether `haystack` contains the lowercase ASCII `needle`, ignoring case.
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 fn sanitize_value(value: Value) -> Value {

@@ -65,6 +65,7 @@ pub(crate) fn report(open: &OpenSpans, queue: &ExportQueue, threshold: Duration)
     open.for_each(|record| {
         if now_instant.saturating_duration_since(record.start) >= threshold {
             let seq = record.snapshot_seq.fetch_add(1, Ordering::Relaxed) + 1;
+            queue.snapshots.fetch_add(1, Ordering::Relaxed);
             queue.push_priority(Item::Snapshot(encode::snapshot(
                 record,
                 seq,

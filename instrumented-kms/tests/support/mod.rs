@@ -320,6 +320,28 @@ impl Receiver {
         flatten_logs(&received.logs)
     }
 
+    /// Counts received spans matching `pred(span, scope)` without copying them.
+    pub fn count_spans(&self, mut pred: impl FnMut(&Span, &str) -> bool) -> usize {
+        let received = self.shared.received.lock().unwrap();
+        let mut n = 0;
+        for req in &received.traces {
+            for rs in &req.resource_spans {
+                for ss in &rs.scope_spans {
+                    let scope = ss.scope.as_ref().map(|s| s.name.as_str()).unwrap_or("");
+                    n += ss.spans.iter().filter(|s| pred(s, scope)).count();
+                }
+            }
+        }
+        n
+    }
+
+    /// Forgets everything received so far.
+    pub fn clear(&self) {
+        let mut received = self.shared.received.lock().unwrap();
+        received.traces.clear();
+        received.logs.clear();
+    }
+
     /// Log records whose event name is `name`.
     pub fn events(&self, name: &str) -> Vec<LogEntry> {
         self.logs()

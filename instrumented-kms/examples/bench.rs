@@ -1,0 +1,621 @@
+//! Overhead benchmark: a KMS-like HTTP service under load, with the
+//! diagnostics off, with the stock stack, and with ours.
+//!
+//! ```text
+//! cargo run --release -p instrumented-kms --example bench --features full
+//! ```
+//!
+//! Prints figures; it is not a test and asserts nothing. Each cell runs the
+//! service in a child process (so CPU time and peak RSS are the server's
+//! alone, and each configuration gets a fresh global subscriber); this
+//! process generates load on loopback and runs the OTLP receiver.
+//!
+//! Configurations (alternated, two rounds):
+//! - `off`: no subscriber at all.
+//! - `stock`: console-subscriber defaults, tracing-opentelemetry with the
+//!   opentelemetry_sdk default batch exporter (OTLP/gRPC), tokio-metrics
+//!   (RuntimeMonitor + a TaskMonitor), a parking_lot deadlock thread.
+//! - `ours-no-console`: instrumented-kms, all parts but the console.
+//! - `ours-all`: instrumented-kms, everything on.
+//!
+//! The handler: a request span, a per-RPC task monitor, a little CPU, a
+//! yield, and an outbound-call span around a 1 ms sleep standing in for I/O.
+//! A few `/stuck` requests stay open 2.5 s per cell, so open-span snapshots
+//! (threshold 1 s, interval 0.5 s) must get through while ordinary spans may
+//! be dropped.
+//!
+//! Environment: `BENCH_SECS` (per cell, default 3), `BENCH_ROUNDS` (default 2).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Bytes;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tracing::Instrument;
+
+const CONFIGS: &[&str] = &["off", "stock", "ours-no-console", "ours-all"];
+const LOADS: &[usize] = &[16, 512];
+const STUCK: usize = 4;
+const STUCK_FOR: Duration = Duration::from_millis(2500);
+const WARMUP: Duration = Duration::from_millis(500);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--cell") {
+        server(&args[2], &args[3]);
+        return;
+    }
+    parent();
+}
+
+// ---------------------------------------------------------------- server
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Off,
+    Stock,
+    Ours,
+}
+
+struct Server {
+    mode: Mode,
+    served: AtomicU64,
+    stock_monitor: tokio_metrics::TaskMonitor,
+}
+
+fn cpu_us() -> u64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Peak RSS of this process (`VmHWM`; `ru_maxrss` would carry the parent's
+/// peak across fork+exec).
+fn max_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn server(config: &str, endpoint: &str) {
+    let (mode, rt) = match config {
+        "off" => (Mode::Off, plain_runtime()),
+        "stock" => (Mode::Stock, plain_runtime()),
+        _ => (
+            Mode::Ours,
+            instrumented_kms::runtime_builder(Some(2)).build().unwrap(),
+        ),
+    };
+    let mut ours_guard = None;
+    let mut stock_provider = None;
+    match config {
+        "off" => {}
+        "stock" => stock_provider = Some(install_stock(&rt, endpoint)),
+        "ours-no-console" | "ours-all" => {
+            let guard = instrumented_kms::Builder::default()
+                .service_name("bench")
+                .otlp_endpoint(endpoint)
+                .log_filter("warn")
+                .console_enabled(config == "ours-all")
+                .console_bind("127.0.0.1:0".parse().unwrap())
+                .open_span_threshold(Duration::from_secs(1))
+                .open_span_interval(Duration::from_millis(500))
+                .init()
+                .unwrap();
+            guard.watch_runtime(rt.handle());
+            ours_guard = Some(guard);
+        }
+        other => panic!("unknown config {other}"),
+    }
+    let state = Arc::new(Server {
+        mode,
+        served: AtomicU64::new(0),
+        stock_monitor: tokio_metrics::TaskMonitor::new(),
+    });
+    if mode == Mode::Stock {
+        let monitor = tokio_metrics::RuntimeMonitor::new(rt.handle());
+        let task_monitor = state.stock_monitor.clone();
+        rt.spawn(async move {
+            let mut runtime = monitor.intervals();
+            let mut tasks = task_monitor.intervals();
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let r = runtime.next();
+                let t = tasks.next();
+                tracing::debug!(?r, ?t, "metrics");
+            }
+        });
+        std::thread::spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(10));
+            let _ = parking_lot::deadlock::check_deadlock();
+        });
+    }
+
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let s = state.clone();
+    rt.spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let s = s.clone();
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(
+                        TokioIo::new(stream),
+                        hyper::service::service_fn(move |req| handle(s.clone(), req, peer)),
+                    )
+                    .await;
+            });
+        }
+    });
+    let cpu_start = cpu_us();
+    let served_start = state.served.load(Ordering::Relaxed);
+    println!("READY {}", addr.port());
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    let cpu = cpu_us() - cpu_start;
+    let served = state.served.load(Ordering::Relaxed) - served_start;
+    let mut snapshots = 0;
+    let mut dropped = 0;
+    let mut sampled_out = 0;
+    if let Some(guard) = ours_guard.take() {
+        if let Some(stats) = guard.export_stats() {
+            snapshots = stats.snapshots;
+            dropped = stats.dropped_spans;
+            sampled_out = stats.sampled_out_spans;
+        }
+        guard.shutdown(Duration::from_secs(5));
+    }
+    if let Some(provider) = stock_provider.take() {
+        let _ =
+            rt.block_on(async { tokio::task::spawn_blocking(move || provider.shutdown()).await });
+    }
+    println!(
+        "STATS served={served} cpu_us={cpu} maxrss_kb={} snapshots={snapshots} dropped={dropped} sampled_out={sampled_out}",
+        max_rss_kb()
+    );
+    std::io::stdout().flush().unwrap();
+    std::process::exit(0);
+}
+
+fn plain_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn install_stock(
+    rt: &tokio::runtime::Runtime,
+    endpoint: &str,
+) -> opentelemetry_sdk::trace::SdkTracerProvider {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    use tracing_subscriber::prelude::*;
+
+    let _enter = rt.enter();
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .unwrap();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name("bench")
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("bench");
+    let console = console_subscriber::ConsoleLayer::builder()
+        .with_default_env()
+        .server_addr("127.0.0.1:0".parse::<SocketAddr>().unwrap())
+        .spawn();
+    tracing_subscriber::registry()
+        .with(console)
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_filter(tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    provider
+}
+
+fn cpu_work() -> u64 {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..2_000u64 {
+        x = (x ^ i).wrapping_mul(0xBF58_476D_1CE4_E5B9).rotate_left(17);
+    }
+    std::hint::black_box(x)
+}
+
+async fn handle(
+    s: Arc<Server>,
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let stuck = req.uri().path() == "/stuck";
+    let method = if stuck { "Stuck" } else { "GetMeta" };
+    let span = match s.mode {
+        Mode::Stock => tracing::info_span!(
+            "kms.request",
+            otel.kind = "server",
+            rpc.system = "prpc",
+            rpc.service = "KMS",
+            rpc.method = method,
+            http.request.method = "POST",
+            url.path = "/prpc/KMS.GetMeta",
+            client.address = %peer.ip(),
+            client.port = peer.port(),
+            network.protocol.version = "1.1",
+            http.response.status_code = tracing::field::Empty,
+        ),
+        _ => instrumented_kms::request_span(&instrumented_kms::RequestInfo {
+            rpc_method: method.into(),
+            url_path: req.uri().path().into(),
+            http_method: req.method().to_string(),
+            client_addr: Some(peer),
+            protocol: instrumented_kms::HttpProtocol::Http11,
+        }),
+    };
+    let mode = s.mode;
+    let work = async move {
+        if stuck {
+            tokio::time::sleep(STUCK_FOR).await;
+            return 200;
+        }
+        cpu_work();
+        tokio::task::yield_now().await;
+        match mode {
+            Mode::Stock => {
+                tokio::time::sleep(Duration::from_millis(1))
+                    .instrument(tracing::info_span!(
+                        "kms.outbound",
+                        otel.kind = "client",
+                        kms.peer = "auth_webhook",
+                        kms.call = "get_info",
+                        server.address = "10.0.2.2",
+                        server.port = 8000,
+                        url.path = "/",
+                        http.request.method = "GET",
+                    ))
+                    .await
+            }
+            _ => {
+                let call = instrumented_kms::OutboundCall::new(
+                    instrumented_kms::Peer::AuthWebhook,
+                    "get_info",
+                )
+                .http("GET", "http://10.0.2.2:8000/");
+                instrumented_kms::outbound(call, tokio::time::sleep(Duration::from_millis(1))).await
+            }
+        }
+        200
+    }
+    .instrument(span.clone());
+    let status = match s.mode {
+        Mode::Off => work.await,
+        Mode::Stock => tokio_metrics::TaskMonitor::instrument(&s.stock_monitor, work).await,
+        Mode::Ours => instrumented_kms::monitor_rpc(method, work).await,
+    };
+    match s.mode {
+        Mode::Stock => {
+            span.record("http.response.status_code", status);
+        }
+        _ => instrumented_kms::record_status(&span, status),
+    }
+    if !stuck {
+        s.served.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(Response::new(Full::new(Bytes::from_static(b"{}"))))
+}
+
+// ---------------------------------------------------------------- load
+
+struct CellResult {
+    config: &'static str,
+    conns: usize,
+    rps: f64,
+    p99_ms: f64,
+    cpu_us_per_req: f64,
+    rss_mb: f64,
+    spans_share: f64,
+    sampled_share: f64,
+    snapshots_share: Option<f64>,
+}
+
+fn parent() {
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3.0);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let duration = Duration::from_secs_f64(secs);
+    let load_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "instrumented-kms benchmark: {secs} s per cell, {rounds} rounds, loads {LOADS:?} connections, {} CPUs",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    let mut results = Vec::new();
+    for round in 0..rounds {
+        for &conns in LOADS {
+            for &config in CONFIGS {
+                let r = run_cell(&load_rt, config, conns, duration);
+                println!(
+                    "  round {} {:>3} conns {:<16} {:>8.0} req/s  p99 {:>7.2} ms  {:>6.1} µs CPU/req  RSS {:>6.1} MB  spans {:>5.1}% (sampled out {:>5.1}%)  snapshots {}",
+                    round + 1,
+                    conns,
+                    config,
+                    r.rps,
+                    r.p99_ms,
+                    r.cpu_us_per_req,
+                    r.rss_mb,
+                    r.spans_share * 100.0,
+                    r.sampled_share * 100.0,
+                    r.snapshots_share
+                        .map(|s| format!("{:.1}%", s * 100.0))
+                        .unwrap_or_else(|| "n/a".into())
+                );
+                results.push(r);
+            }
+        }
+    }
+    println!();
+    println!("Means over rounds (ratios are to `off` at the same load):");
+    println!(
+        "{:>5}  {:<16} {:>9} {:>7} {:>9} {:>7} {:>10} {:>9} {:>9} {:>10} {:>9} {:>10}",
+        "conns",
+        "config",
+        "req/s",
+        "ratio",
+        "p99 ms",
+        "ratio",
+        "CPU µs/req",
+        "+µs/req",
+        "RSS MB",
+        "spans",
+        "sampled",
+        "snapshots"
+    );
+    for &conns in LOADS {
+        let mean = |config: &str, f: &dyn Fn(&CellResult) -> f64| {
+            let v: Vec<f64> = results
+                .iter()
+                .filter(|r| r.conns == conns && r.config == config)
+                .map(f)
+                .collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        };
+        let off_rps = mean("off", &|r| r.rps);
+        let off_p99 = mean("off", &|r| r.p99_ms);
+        let off_cpu = mean("off", &|r| r.cpu_us_per_req);
+        for &config in CONFIGS {
+            let rps = mean(config, &|r| r.rps);
+            let p99 = mean(config, &|r| r.p99_ms);
+            let cpu = mean(config, &|r| r.cpu_us_per_req);
+            let rss = results
+                .iter()
+                .filter(|r| r.conns == conns && r.config == config)
+                .map(|r| r.rss_mb)
+                .fold(0.0, f64::max);
+            let spans = mean(config, &|r| r.spans_share);
+            let sampled = mean(config, &|r| r.sampled_share);
+            let snaps: Vec<f64> = results
+                .iter()
+                .filter(|r| r.conns == conns && r.config == config)
+                .filter_map(|r| r.snapshots_share)
+                .collect();
+            println!(
+                "{:>5}  {:<16} {:>9.0} {:>7.3} {:>9.2} {:>7.3} {:>10.1} {:>9.1} {:>9.1} {:>9.1}% {:>8.1}% {:>10}",
+                conns,
+                config,
+                rps,
+                rps / off_rps,
+                p99,
+                p99 / off_p99,
+                cpu,
+                cpu - off_cpu,
+                rss,
+                if config == "off" { 0.0 } else { spans * 100.0 },
+                sampled * 100.0,
+                if snaps.is_empty() {
+                    "n/a".to_string()
+                } else {
+                    format!("{:.1}%", snaps.iter().sum::<f64>() / snaps.len() as f64 * 100.0)
+                }
+            );
+        }
+    }
+    println!("(RSS = peak of the server process; spans = closed kms.request/kms.outbound spans received / emitted; sampled = not exported by our trace rate limit (counted, by design); the rest of the gap is dropped; snapshots = open-span snapshots received / taken.)");
+}
+
+fn run_cell(
+    rt: &tokio::runtime::Runtime,
+    config: &'static str,
+    conns: usize,
+    duration: Duration,
+) -> CellResult {
+    let receiver = support::Receiver::start();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--cell", config, &receiver.endpoint()])
+        .env("TOKIO_CONSOLE_BIND", "127.0.0.1:0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let port: u16 = loop {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "server exited early");
+        if let Some(p) = line.trim().strip_prefix("READY ") {
+            break p.parse().unwrap();
+        }
+    };
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let latencies = rt.block_on(load(addr, conns, duration));
+    // Stop the server: it reports, flushes and exits.
+    drop(child.stdin.take());
+    let mut stats = String::new();
+    loop {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if line.starts_with("STATS") {
+            stats = line.clone();
+        }
+    }
+    let _ = child.wait();
+    let field = |name: &str| -> f64 {
+        stats
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let served = field("served");
+    let mut sorted = latencies;
+    sorted.sort_unstable();
+    let p99 = sorted
+        .get((sorted.len() as f64 * 0.99) as usize)
+        .copied()
+        .unwrap_or_default();
+    let delivered = receiver.count_spans(|s, scope| {
+        scope != "instrumented-kms.open-spans"
+            && !s.attributes.iter().any(|kv| kv.key == "incomplete")
+            && (s.name == "kms.request" || s.name == "kms.outbound")
+    }) as f64;
+    let emitted = 2.0 * served + STUCK as f64;
+    let snapshots_received =
+        receiver.count_spans(|_, scope| scope == "instrumented-kms.open-spans") as f64;
+    let snapshots_taken = field("snapshots");
+    CellResult {
+        config,
+        conns,
+        rps: sorted.len() as f64 / duration.as_secs_f64(),
+        p99_ms: p99.as_secs_f64() * 1000.0,
+        cpu_us_per_req: field("cpu_us") / served.max(1.0),
+        rss_mb: field("maxrss_kb") / 1024.0,
+        spans_share: (delivered / emitted.max(1.0)).min(1.0),
+        sampled_share: field("sampled_out") / emitted.max(1.0),
+        snapshots_share: config
+            .starts_with("ours")
+            .then(|| snapshots_received / snapshots_taken.max(1.0)),
+    }
+}
+
+/// `conns` keep-alive connections, each sending requests back to back for
+/// `duration` after a warm-up, plus `STUCK` requests that stay open.
+async fn load(addr: SocketAddr, conns: usize, duration: Duration) -> Vec<Duration> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let mut stuck = Vec::new();
+    for _ in 0..STUCK {
+        stuck.push(tokio::spawn(async move {
+            let mut sender = connect(addr).await;
+            let _ = request(&mut sender, "/stuck").await;
+        }));
+    }
+    let mut workers = Vec::new();
+    for _ in 0..conns {
+        let stop = stop.clone();
+        let measuring = measuring.clone();
+        let total = total.clone();
+        workers.push(tokio::spawn(async move {
+            let mut sender = connect(addr).await;
+            let mut lat = Vec::with_capacity(4096);
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if request(&mut sender, "/prpc/KMS.GetMeta").await.is_err() {
+                    sender = connect(addr).await;
+                    continue;
+                }
+                total.fetch_add(1, Ordering::Relaxed);
+                if measuring.load(Ordering::Relaxed) {
+                    lat.push(t.elapsed());
+                }
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(WARMUP).await;
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap_or_default());
+    }
+    for s in stuck {
+        let _ = s.await;
+    }
+    let _ = total.load(Ordering::Relaxed);
+    all
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Sender {
+    loop {
+        if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
+            let _ = stream.set_nodelay(true);
+            if let Ok((sender, conn)) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+            {
+                tokio::spawn(conn);
+                return sender;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn request(sender: &mut Sender, path: &str) -> Result<(), hyper::Error> {
+    sender.ready().await?;
+    let response = sender
+        .send_request(Request::get(path).body(Empty::new()).unwrap())
+        .await?;
+    response.into_body().collect().await?;
+    Ok(())
+}
