@@ -59,7 +59,8 @@ impl WaitsOn {
     }
 }
 
-/// The innermost open span of a stuck request.
+/// The innermost open span of a stuck request: its innermost open
+/// `kms.outbound` span if it has one, else its innermost open span.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Innermost {
     /// Its span id.
@@ -108,6 +109,12 @@ pub struct StuckSpan {
     pub innermost: Innermost,
     /// What it waits on.
     pub waits_on: WaitsOn,
+    /// Ids of every open span of this request (to match stall reports).
+    #[serde(skip)]
+    pub member_ids: Vec<String>,
+    /// Names of the open spans from the innermost up to the top.
+    #[serde(skip)]
+    pub path_names: Vec<String>,
 }
 
 /// The pass.
@@ -162,7 +169,30 @@ pub(crate) fn stuck_requests(open: &[SpanRow]) -> Vec<StuckSpan> {
                 .max_by_key(|s| (s.start_ns, depth(s, &by_id)))
                 .copied()
                 .unwrap_or(top);
-            out.push(stuck_span(top, leaf, members.len()));
+            // The path from the leaf up to the top: the request is the
+            // outermost `kms.request` on it (a framework span may wrap it),
+            // what it waits on the nearest `kms.outbound` (a client library
+            // may open spans inside the call).
+            let mut path = vec![leaf];
+            while let Some(p) = path
+                .last()
+                .and_then(|s| s.parent_span_id.as_deref())
+                .and_then(|p| by_id.get(p))
+                .filter(|_| path.len() < 64)
+            {
+                path.push(p);
+            }
+            let request = path
+                .iter()
+                .rev()
+                .find(|s| s.name == REQUEST_SPAN)
+                .copied()
+                .unwrap_or(top);
+            let outbound = path.iter().find(|s| s.name == OUTBOUND_SPAN).copied();
+            let mut stuck = stuck_span(request, outbound.unwrap_or(leaf), members.len());
+            stuck.member_ids = members.iter().map(|s| s.span_id.clone()).collect();
+            stuck.path_names = path.iter().map(|s| s.name.clone()).collect();
+            out.push(stuck);
         }
     }
     out.sort_by(|a, b| {
@@ -247,6 +277,8 @@ fn stuck_span(top: &SpanRow, leaf: &SpanRow, open_spans: usize) -> StuckSpan {
             start_ns: leaf.start_ns,
         },
         waits_on,
+        member_ids: Vec::new(),
+        path_names: Vec::new(),
     }
 }
 

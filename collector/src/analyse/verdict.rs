@@ -163,6 +163,30 @@ fn outbound_hypothesis(
     let mut ev = Vec::new();
     if let Some(first) = on_peer.first() {
         cite_stuck(&on_peer, "stuck_outbound", &mut ev);
+        // Requests idle in a span that a stuck call runs under (a once-cell,
+        // a lock scope) are queued behind that call.
+        let scopes: std::collections::BTreeSet<&str> = on_peer
+            .iter()
+            .flat_map(|s| s.path_names.iter().skip(1).map(String::as_str))
+            .filter(|n| *n != OUTBOUND_SPAN && *n != super::stuck_io::REQUEST_SPAN)
+            .collect();
+        let queued: Vec<&StuckSpan> = stuck
+            .iter()
+            .filter(|s| {
+                s.waits_on == WaitsOn::Handler && scopes.contains(s.innermost.name.as_str())
+            })
+            .collect();
+        if !queued.is_empty() {
+            ev.push(Evidence::new(
+                "queued_behind",
+                format!(
+                    "{} more requests wait in `{}`, the span the stuck {} call runs under: queued behind it",
+                    queued.len(),
+                    queued[0].innermost.name,
+                    peer.as_str()
+                ),
+            ));
+        }
         let culprit = format!(
             "{} `{}`{} ({} stuck request{})",
             peer.as_str(),
@@ -544,8 +568,9 @@ fn runtime_hypothesis(
                 .stuck
                 .iter()
                 .find(|s| {
-                    Some(&s.span_id) == ep.span_id.as_ref()
-                        || Some(&s.innermost.span_id) == ep.span_id.as_ref()
+                    ep.span_id
+                        .as_ref()
+                        .is_some_and(|id| s.member_ids.contains(id))
                 })
                 .map(|s| {
                     format!(
@@ -789,10 +814,19 @@ fn runtime_hypothesis(
                 lw.cycle_reason.clone().unwrap_or_default()
             )
         };
+        let mut places: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in &handler {
+            *places.entry(s.innermost.name.as_str()).or_default() += 1;
+        }
+        let places = places
+            .iter()
+            .map(|(n, c)| format!("`{n}` x{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         ev.push(Evidence::new(
             "handler_waits",
             format!(
-                "{} requests idle inside the handler; {console}",
+                "{} requests idle inside the handler (innermost open span: {places}); {console}",
                 handler.len()
             ),
         ));
