@@ -227,6 +227,62 @@ async fn records_stuck_completed_lost_waker_and_blocking_tasks() {
     workload.shutdown_background();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_land_in_a_real_sqlite_file() {
+    let addr = console_addr();
+    let workload = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (_never_tx, never_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::task::Builder::new()
+        .name("stuck-in-sqlite")
+        .spawn_on(
+            async move {
+                let _ = never_rx.await;
+            },
+            workload.handle(),
+        )
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kms-diag.sqlite");
+    let store = kms_collector::store::SqliteStore::open(&path).unwrap();
+    let config =
+        ConsoleConfig::new(format!("http://{addr}")).snapshot_interval(Duration::from_millis(100));
+    let recorder = console::spawn(config, Arc::new(Mutex::new(store))).unwrap();
+
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let query = "SELECT state, spawn_location, warnings, tokio_task_id, \
+                 json_extract(fields, '$.target') FROM console_tasks \
+                 WHERE name = 'stuck-in-sqlite' ORDER BY snapshot_ns DESC LIMIT 1";
+    type Row = (String, Option<String>, String, Option<i64>, Option<String>);
+    let row: Row = wait_for("the stuck task in console_tasks", || {
+        conn.query_row(query, [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .ok()
+        .filter(|row: &Row| row.0 == "idle")
+    })
+    .await;
+    assert!(row.1.unwrap().contains("console_recorder.rs:"));
+    assert_eq!(row.2, "[]");
+    assert!(row.3.is_some());
+    assert_eq!(row.4.as_deref(), Some("tokio::task"));
+    let stats = recorder.stop().await;
+    assert_eq!(stats.store_errors, 0);
+    let snapshots: i64 = conn
+        .query_row(
+            "SELECT count(DISTINCT snapshot_ns) FROM console_tasks",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(snapshots as u64, stats.snapshots);
+    workload.shutdown_background();
+}
+
 /// Sets the flag when dropped.
 struct ReleaseOnDrop(Arc<AtomicBool>);
 

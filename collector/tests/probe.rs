@@ -53,6 +53,8 @@ enum Behaviour {
     TlsHttp(u16),
     /// Plain HTTP answering this status.
     PlainHttp(u16),
+    /// TLS, then HTTP answering 200 to the first `ok` requests and then this status.
+    TlsHttpOkThen(usize, u16),
 }
 
 /// Starts a server on 127.0.0.1:0; it runs until the test's runtime ends.
@@ -83,6 +85,17 @@ async fn server(behaviour: Behaviour) -> (String, Arc<Seen>) {
                 Behaviour::TlsHttp(status) => {
                     let acceptor = acceptor.clone();
                     let seen = Arc::clone(&seen2);
+                    tokio::spawn(async move {
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            serve_http(tls, status, seen).await;
+                        }
+                    });
+                }
+                Behaviour::TlsHttpOkThen(ok, status) => {
+                    let acceptor = acceptor.clone();
+                    let seen = Arc::clone(&seen2);
+                    let n = seen.connections.load(Ordering::SeqCst);
+                    let status = if n <= ok { 200 } else { status };
                     tokio::spawn(async move {
                         if let Ok(tls) = acceptor.accept(tcp).await {
                             serve_http(tls, status, seen).await;
@@ -288,6 +301,132 @@ async fn stop_ends_a_loop_that_would_run_forever() {
     // The attempt under way was abandoned, not stored.
     assert_eq!(summary.attempts, 0);
     assert!(sink.0.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn attempts_are_stored_in_a_real_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kms-diag.sqlite");
+    let (url, _) = server(Behaviour::TlsHttpOkThen(2, 500)).await;
+    let store = kms_collector::store::SqliteStore::open(&path).unwrap();
+    let config = ProbeConfig::new(url.clone())
+        .interval(Duration::from_millis(1))
+        .timeout(LIMIT)
+        .count(Some(4));
+    let summary = probe::spawn(config, Arc::new(Mutex::new(store)))
+        .unwrap()
+        .wait()
+        .await;
+    assert_eq!(summary.store_errors, 0);
+
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT target, outcome, http_status, latency_ms, error, time_ns \
+             FROM probe_attempts ORDER BY time_ns",
+        )
+        .unwrap();
+    type Row = (
+        String,
+        String,
+        Option<i64>,
+        Option<f64>,
+        Option<String>,
+        i64,
+    );
+    let rows: Vec<Row> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let outcomes: Vec<_> = rows.iter().map(|r| (r.1.as_str(), r.2)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("ok", Some(200)),
+            ("ok", Some(200)),
+            ("http_status", Some(500)),
+            ("http_status", Some(500))
+        ]
+    );
+    assert!(rows.iter().all(|r| r.0 == url && r.3.is_some()));
+    assert_eq!(rows[0].4, None);
+    assert_eq!(rows[2].4.as_deref(), Some("HTTP status 500"));
+    assert!(rows.windows(2).all(|w| w[0].5 < w[1].5));
+}
+
+#[tokio::test]
+async fn the_command_prints_status_lines_and_time_to_first_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("kms-diag.sqlite");
+    let (url, _) = server(Behaviour::TlsHttpOkThen(2, 500)).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kms-collector"))
+        .args([
+            "probe",
+            &url,
+            "--count",
+            "3",
+            "--interval",
+            "20ms",
+            "--timeout",
+            "2s",
+        ])
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].contains("any server certificate accepted"),
+        "{stdout}"
+    );
+    let status: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("failures in a row"))
+        .collect();
+    assert_eq!(status.len(), 3, "{stdout}");
+    assert!(
+        status[0].contains(" ok ") && status[0].contains("HTTP 200"),
+        "{stdout}"
+    );
+    assert!(
+        status[2].contains(" http_status ") && status[2].contains("failures in a row: 1"),
+        "{stdout}"
+    );
+    // Announced when it happens ...
+    assert!(
+        stdout.contains("-> first failure (http_status)")
+            && stdout.contains("after the first success"),
+        "{stdout}"
+    );
+    // ... and in the summary at the end.
+    let summary = lines.last().unwrap();
+    assert!(
+        summary.contains("3 attempts, 1 http_status, 2 ok"),
+        "{stdout}"
+    );
+    assert!(summary.contains("first failure (http_status)"), "{stdout}");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM probe_attempts", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 3);
 }
 
 #[test]

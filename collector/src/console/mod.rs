@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Endpoint;
 
 use crate::probe::SinkError;
-use crate::store::ConsoleSnapshot;
+use crate::store::{ConsoleSnapshot, Record, Writer};
 use lints::Lints;
 use state::ConsoleState;
 
@@ -56,6 +56,20 @@ pub trait SnapshotSink: Send + Sync + 'static {
     /// Whatever kept the snapshot from being stored; the recorder counts it
     /// and goes on.
     fn write_console_snapshot(&self, snapshot: &ConsoleSnapshot) -> Result<(), SinkError>;
+}
+
+/// A store used directly (tests, tools): each snapshot is one transaction.
+impl<W> SnapshotSink for std::sync::Mutex<W>
+where
+    W: Writer + Send + 'static,
+{
+    fn write_console_snapshot(&self, snapshot: &ConsoleSnapshot) -> Result<(), SinkError> {
+        let mut writer = self
+            .lock()
+            .map_err(|_| "the store's lock is poisoned".to_owned())?;
+        writer.write(&[Record::Console(snapshot.clone())])?;
+        Ok(())
+    }
 }
 
 /// Errors of [`spawn`].

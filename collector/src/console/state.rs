@@ -400,11 +400,10 @@ impl TaskView<'_> {
 
     pub(crate) fn self_wake_percent(&self) -> u64 {
         let s = self.stats();
-        if s.wakes == 0 {
-            0
-        } else {
-            s.self_wakes.saturating_mul(100) / s.wakes
-        }
+        s.self_wakes
+            .saturating_mul(100)
+            .checked_div(s.wakes)
+            .unwrap_or(0)
     }
 
     pub(crate) fn size_bytes(&self) -> Option<u64> {

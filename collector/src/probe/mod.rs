@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 pub use target::{Target, TargetError, DEFAULT_PATH};
 pub use tracker::{FirstFailure, ProbeSummary};
 
-use crate::store::ProbeAttempt;
+use crate::store::{ProbeAttempt, Record, SqliteStore, Writer};
 use attempt::{Prober, Timeouts};
 use tracker::{status_line, Tracker};
 
@@ -47,6 +47,21 @@ pub trait ProbeSink: Send + Sync + 'static {
     /// Whatever kept the attempt from being stored; the probe counts it and
     /// goes on.
     fn write_probe(&self, attempt: &ProbeAttempt) -> Result<(), SinkError>;
+}
+
+/// A store used directly (the `probe` command, tests): each attempt is one
+/// transaction of its own.
+impl<W> ProbeSink for std::sync::Mutex<W>
+where
+    W: Writer + Send + 'static,
+{
+    fn write_probe(&self, attempt: &ProbeAttempt) -> Result<(), SinkError> {
+        let mut writer = self
+            .lock()
+            .map_err(|_| "the store's lock is poisoned".to_owned())?;
+        writer.write(&[Record::Probe(attempt.clone())])?;
+        Ok(())
+    }
 }
 
 /// Errors of [`spawn`].
@@ -348,6 +363,7 @@ async fn wait(handle: ProbeHandle) -> ProbeSummary {
 }
 
 fn open_sink(db: &std::path::Path) -> anyhow::Result<Arc<dyn ProbeSink>> {
-    let _ = db;
-    anyhow::bail!("the SQLite store is not available yet")
+    let store =
+        SqliteStore::open(db).with_context(|| format!("opening the store {}", db.display()))?;
+    Ok(Arc::new(std::sync::Mutex::new(store)))
 }
