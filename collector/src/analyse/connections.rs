@@ -46,6 +46,13 @@ pub struct ConnectionFindings {
     /// Inbound ESTABLISHED connections: first, peak, last.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub established: Option<[i64; 3]>,
+    /// Samples that reported the fd limit but could not count open fds
+    /// (reading `/proc/self/fd` failed) after earlier samples could: what a
+    /// process with no fd left reports.
+    pub fd_unreadable: usize,
+    /// The first of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_fd_unreadable_ns: Option<i64>,
     /// Log records saying accept ran out of fds.
     pub accept_errors: usize,
     /// The first of them.
@@ -67,6 +74,14 @@ pub struct ConnectionFindings {
 }
 
 impl ConnectionFindings {
+    /// True when fds ran out: at the near-limit fraction, accept failing
+    /// with EMFILE, or `/proc/self/fd` unreadable after fds had reached half
+    /// the limit.
+    pub fn exhausted(&self) -> bool {
+        let half_way = matches!((self.peak_fds, self.fd_limit), (Some(p), Some(l)) if p * 2 >= l);
+        self.near_limit || self.accept_errors > 0 || (self.fd_unreadable > 0 && half_way)
+    }
+
     /// True when the probe failed in the failure window, telemetry kept
     /// arriving, and not one request span started: requests never reached
     /// the handler.
@@ -114,14 +129,20 @@ impl Pass for Connections {
             if let Some(l) = i64_of(a, "process.fd_limit").filter(|l| *l > 0) {
                 f.fd_limit = Some(l);
             }
-            if let Some(fds) = i64_of(a, "process.open_fds") {
+            let fds = i64_of(a, "process.open_fds");
+            if fds.is_none() && !f.fd_series.is_empty() && i64_of(a, "process.fd_limit").is_some() {
+                f.fd_unreadable += 1;
+                f.first_fd_unreadable_ns.get_or_insert(s.time_ns);
+            }
+            if let Some(fds) = fds {
                 f.fd_series.push((s.time_ns, fds));
                 if f.peak_fds.is_none_or(|p| fds > p) {
                     f.peak_fds = Some(fds);
                     f.peak_ns = Some(s.time_ns);
                 }
             }
-            if let Some(inbound) = json_of(a, "tcp.inbound") {
+            let unreadable = fds.is_none() && !f.fd_series.is_empty();
+            if let Some(inbound) = json_of(a, "tcp.inbound").filter(|_| !unreadable) {
                 let state = |k: &str| inbound.get(k).and_then(|v| v.as_i64()).unwrap_or(0);
                 f.close_wait_series.push((s.time_ns, state("CLOSE_WAIT")));
                 established.push((s.time_ns, state("ESTABLISHED")));

@@ -366,10 +366,9 @@ fn memory_hypothesis(cx: &Context<'_>) -> Hypothesis {
     }
 }
 
-/// fds at the near-limit fraction, or accept failing with EMFILE.
+/// fds ran out (see [`super::ConnectionFindings::exhausted`]).
 fn exhausted(cx: &Context<'_>) -> bool {
-    let c = &cx.diagnosis.connections;
-    c.near_limit || c.accept_errors > 0
+    cx.diagnosis.connections.exhausted()
 }
 
 fn connections_hypothesis(cx: &Context<'_>, failure: TimeWindow) -> Hypothesis {
@@ -401,6 +400,19 @@ fn connections_hypothesis(cx: &Context<'_>, failure: TimeWindow) -> Hypothesis {
             "close_wait",
             format!("inbound CLOSE_WAIT connections: {first} at the start, peak {peak}, last {last}{why}"),
         ));
+    }
+    if c.fd_unreadable > 0 {
+        let mut e = Evidence::new(
+            "fds_unreadable",
+            format!(
+                "{} process samples could not count open fds (reading /proc/self/fd failed) after earlier ones could: the process had no fd left to open it",
+                c.fd_unreadable
+            ),
+        );
+        if let Some(t) = c.first_fd_unreadable_ns {
+            e = e.at(t);
+        }
+        ev.push(e);
     }
     if c.accept_errors > 0 {
         let mut e = Evidence::new(
@@ -441,7 +453,10 @@ fn connections_hypothesis(cx: &Context<'_>, failure: TimeWindow) -> Hypothesis {
             ));
         }
         let culprit = match (c.peak_fds, c.fd_limit) {
-            (Some(p), Some(l)) => format!("open fds {p} of limit {l}"),
+            (Some(p), Some(l)) if c.near_limit => format!("open fds {p} of limit {l}"),
+            (Some(p), Some(l)) if c.fd_unreadable > 0 => {
+                format!("open fds {p} of limit {l}, then /proc/self/fd unreadable (EMFILE)")
+            }
             _ => "accept failing with EMFILE".to_owned(),
         };
         return hyp("E", Verdict::Confirmed, Some(culprit), ev);

@@ -497,3 +497,134 @@ impl Reader for SqliteReader {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SCHEMA_SQL;
+
+    fn store() -> (tempfile::TempDir, PathBuf, Connection) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("s.sqlite");
+        let conn = Connection::open(&path).expect("create");
+        conn.execute_batch("PRAGMA journal_mode = WAL;")
+            .expect("wal");
+        conn.execute_batch(SCHEMA_SQL).expect("schema");
+        (dir, path, conn)
+    }
+
+    fn span(conn: &Connection, trace: &str, id: &str, start: i64, end: i64, incomplete: bool) {
+        conn.execute(
+            "INSERT INTO spans (trace_id, span_id, name, start_ns, end_ns, incomplete, attributes, received_ns) \
+             VALUES (?1, ?2, 'kms.request', ?3, ?4, ?5, ?6, ?4)",
+            params![trace, id, start, end, incomplete as i64, if incomplete { "{\"incomplete\":true}" } else { "not json" }],
+        )
+        .expect("insert");
+    }
+
+    #[test]
+    fn empty_store_has_no_bounds_and_missing_files_are_errors() {
+        let (dir, path, _conn) = store();
+        let r = SqliteReader::open(&path).expect("open");
+        assert_eq!(r.bounds().expect("bounds"), None);
+        assert!(r.incomplete_spans(TimeWindow::ALL).expect("q").is_empty());
+        let missing = dir.path().join("missing.sqlite");
+        assert!(matches!(
+            SqliteReader::open(&missing),
+            Err(ReadError::Open { .. })
+        ));
+        assert!(!missing.exists(), "a reader must not create a store");
+        let other = dir.path().join("other.sqlite");
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x);")
+            .unwrap();
+        assert!(matches!(
+            SqliteReader::open(&other),
+            Err(ReadError::NotAStore { .. })
+        ));
+    }
+
+    #[test]
+    fn windows_bounds_and_order_follow_the_contract() {
+        let (_dir, path, conn) = store();
+        span(&conn, "aa", "01", 100, 200, false);
+        span(&conn, "aa", "02", 150, 900, true);
+        span(&conn, "bb", "03", 50, 60, false);
+        span(&conn, "cc", "04", 300, 400, true);
+        conn.execute(
+            "INSERT INTO events (time_ns, name, attributes, received_ns) VALUES (950, 'kms.runtime', '{}', 950), (10, 'kms.runtime', '{}', 10), (500, 'other', '{}', 500)",
+            [],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO probe_attempts (time_ns, target, outcome) VALUES (20, 'u', 'ok'), (30, 'u', 'weird')",
+            [],
+        )
+        .unwrap();
+        let r = SqliteReader::open(&path).expect("open");
+        assert_eq!(
+            r.bounds().unwrap(),
+            Some(DataBounds {
+                first_ns: 10,
+                last_ns: 950
+            })
+        );
+        // Snapshots whose open interval overlaps the window, oldest start first.
+        let open: Vec<String> = r
+            .incomplete_spans(TimeWindow::new(350, 360))
+            .unwrap()
+            .into_iter()
+            .map(|s| s.span_id)
+            .collect();
+        assert_eq!(open, ["02", "04"]);
+        assert_eq!(
+            r.incomplete_spans(TimeWindow::new(901, 1000))
+                .unwrap()
+                .len(),
+            0
+        );
+        // Bad attribute JSON reads as an empty object.
+        let closed = r.spans(TimeWindow::ALL, 10).unwrap();
+        assert_eq!(closed[0].span_id, "03");
+        assert_eq!(closed[0].attributes, serde_json::json!({}));
+        assert_eq!(r.spans(TimeWindow::ALL, 2).unwrap().len(), 2);
+        assert_eq!(
+            r.trace("AA").unwrap().len(),
+            2,
+            "trace ids are matched case-insensitively"
+        );
+        assert_eq!(
+            r.count_spans_started(TimeWindow::new(100, 300), "kms.request")
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            r.spans_started(TimeWindow::new(100, 300), "kms.request", 1)
+                .unwrap()[0]
+                .span_id,
+            "01"
+        );
+        let times: Vec<i64> = r
+            .events("kms.runtime", TimeWindow::ALL)
+            .unwrap()
+            .iter()
+            .map(|e| e.time_ns)
+            .collect();
+        assert_eq!(times, [10, 950]);
+        let probes = r.probe_attempts(TimeWindow::ALL).unwrap();
+        assert_eq!(
+            probes[1].outcome,
+            ProbeOutcome::Other,
+            "unknown outcomes read as other"
+        );
+    }
+
+    #[test]
+    fn the_reader_cannot_write() {
+        let (_dir, path, _conn) = store();
+        let r = SqliteReader::open(&path).expect("open");
+        let err = r.conn.execute("DELETE FROM spans", []);
+        assert!(err.is_err(), "a read-only connection accepted a write");
+    }
+}
