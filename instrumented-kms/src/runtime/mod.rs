@@ -35,7 +35,8 @@ pub const WORKER_THREAD_PREFIX: &str = "kms-worker-";
 ///
 /// With the `watchdog` feature the builder carries tokio's
 /// `on_before_task_poll` / `on_after_task_poll` hooks. They cost a
-/// thread-local read and three relaxed atomic stores per poll, and let the
+/// thread-local read and three atomic stores per poll (no clock, no lock;
+/// about 9 ns per poll measured by the `poll_hooks` example), and let the
 /// watchdog see, from its own OS thread, a poll that never returns. Build the
 /// runtime that serves requests through this function and pass its handle to
 /// `DiagGuard::watch_runtime`.

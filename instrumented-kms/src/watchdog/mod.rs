@@ -15,6 +15,10 @@
 //!   [`WatchdogConfig::heartbeat_threshold`], the runtime as a whole is not
 //!   getting round to ready tasks (all workers blocked, or a flood of work).
 //!
+//! A task inside `tokio::task::block_in_place` stays in its poll while its
+//! worker's duties move to another thread; the watchdog reports it as a poll
+//! stall all the same (it is one, for that task).
+//!
 //! Each stall is reported as `kms.stall` when found, again every threshold
 //! while it lasts, and as `kms.stall_end` when over (`docs/wire-format.md`).
 //! The thread reads `/proc` for the stuck thread's kernel state and asks the
