@@ -9,11 +9,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
 use kms_collector::analyse::AnalyseConfig;
-// CONSOLE-PENDING use kms_collector::console::{ConsoleConfig, SnapshotSink};
+use kms_collector::console::{ConsoleConfig, SnapshotSink};
 use kms_collector::probe::{ProbeConfig, ProbeSink, SinkError};
 use kms_collector::report::{build_report, render_html, render_json, render_text, ReportOptions};
 use kms_collector::serve::{Server, ServerConfig, StoreSink};
-use kms_collector::store::{ProbeAttempt, ProbeOutcome, Reader, SqliteReader, TimeWindow};
+use kms_collector::store::{
+    ConsoleSnapshot, ProbeAttempt, ProbeOutcome, Reader, Record, SqliteReader, StoreHandle,
+    TimeWindow,
+};
 use serde_json::Value;
 
 use crate::fault::Fault;
@@ -173,16 +176,16 @@ impl ProbeSink for LabProbeSink {
     }
 }
 
-// CONSOLE-PENDING /// Console snapshots into the store.
-// CONSOLE-PENDING struct ConsoleStoreSink(StoreHandle);
-// CONSOLE-PENDING
-// CONSOLE-PENDING impl SnapshotSink for ConsoleStoreSink {
-// CONSOLE-PENDING     fn write_console_snapshot(&self, snapshot: &ConsoleSnapshot) -> Result<(), SinkError> {
-// CONSOLE-PENDING         self.0
-// CONSOLE-PENDING             .write_blocking(vec![Record::Console(snapshot.clone())])
-// CONSOLE-PENDING             .map_err(|e| Box::new(e) as SinkError)
-// CONSOLE-PENDING     }
-// CONSOLE-PENDING }
+/// Console snapshots into the store.
+struct ConsoleStoreSink(StoreHandle);
+
+impl SnapshotSink for ConsoleStoreSink {
+    fn write_console_snapshot(&self, snapshot: &ConsoleSnapshot) -> Result<(), SinkError> {
+        self.0
+            .write_blocking(vec![Record::Console(snapshot.clone())])
+            .map_err(|e| Box::new(e) as SinkError)
+    }
+}
 
 /// The probe's record since `since_ns`: (ok, failed, consecutive failures
 /// at the end, last failure class).
@@ -246,9 +249,6 @@ async fn report_now(db: &Path, analyse: &AnalyseConfig) -> anyhow::Result<Value>
     .await?
 }
 
-/// CONSOLE-PENDING: true once `kms_collector::console` is public.
-const CONSOLE_RECORDER: bool = false;
-
 /// What the warm-up still lacks, or `None` once telemetry flows.
 fn warmup_missing(db: &Path) -> anyhow::Result<Option<String>> {
     let reader = SqliteReader::open(db)?;
@@ -261,7 +261,7 @@ fn warmup_missing(db: &Path) -> anyhow::Result<Option<String>> {
     if reader.spans(TimeWindow::ALL, 1)?.is_empty() {
         missing.push("spans".to_owned());
     }
-    if CONSOLE_RECORDER && reader.console_snapshot_times(TimeWindow::ALL)?.is_empty() {
+    if reader.console_snapshot_times(TimeWindow::ALL)?.is_empty() {
         missing.push("console snapshots".to_owned());
     }
     Ok((!missing.is_empty()).then(|| missing.join(", ")))
@@ -347,11 +347,11 @@ pub async fn run_scenario(
     };
     let mut twin = TwinProcess::start(&launch, Duration::from_secs(30)).await?;
 
-    // CONSOLE-PENDING let console = kms_collector::console::spawn(
-    // CONSOLE-PENDING     ConsoleConfig::new(format!("http://127.0.0.1:{console_port}"))
-    // CONSOLE-PENDING         .snapshot_interval(config.console_snapshot_interval),
-    // CONSOLE-PENDING     Arc::new(ConsoleStoreSink(server.store())),
-    // CONSOLE-PENDING )?;
+    let console = kms_collector::console::spawn(
+        ConsoleConfig::new(format!("http://127.0.0.1:{console_port}"))
+            .snapshot_interval(config.console_snapshot_interval),
+        Arc::new(ConsoleStoreSink(server.store())),
+    )?;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let probe = kms_collector::probe::spawn(
         ProbeConfig::new(format!("{}/prpc/KMS.GetMeta", twin.ready.kms_url))
@@ -466,7 +466,7 @@ pub async fn run_scenario(
     let load_stats = load.stats.snapshot();
     drop(load);
     let _ = probe.stop().await;
-    // CONSOLE-PENDING let _ = console.stop().await;
+    let _ = console.stop().await;
     let twin_state = tokio::time::timeout(Duration::from_secs(2), twin.state())
         .await
         .ok()
