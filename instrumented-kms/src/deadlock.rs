@@ -163,6 +163,25 @@ fn cycle_event(index: usize, threads: &[ThreadReport]) -> DiagEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stops_promptly_when_its_stop_sender_is_dropped() {
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let config = DeadlockConfig {
+            interval: std::time::Duration::from_secs(60),
+        };
+        let thread = spawn(config, crate::sink::EventSink::new(|_| {}), stopped).unwrap();
+        assert_eq!(thread.thread().name(), Some("kms-diag-deadlock"));
+        let asked = std::time::Instant::now();
+        drop(stop);
+        let deadline = asked + std::time::Duration::from_secs(5);
+        while !thread.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "thread did not stop");
+            std::thread::yield_now();
+        }
+        // The interval is a minute; stopping does not wait for it.
+        assert!(asked.elapsed() < std::time::Duration::from_secs(1));
+    }
     use crate::event::AttrValue;
 
     #[test]

@@ -190,7 +190,7 @@ fn runtime_event(sampled: &mut SampledRuntime, m: &RuntimeMetrics) -> DiagEvent 
 fn with_heartbeat(mut event: DiagEvent, sampled: &mut SampledRuntime) -> DiagEvent {
     if let Some(heartbeat) = crate::watchdog::heartbeat_for_runtime(sampled.runtime) {
         let beats = heartbeat.beats();
-        let ok = sampled.last_beats.is_none_or(|last| beats > last);
+        let ok = beats > sampled.last_beats.unwrap_or(0);
         sampled.last_beats = Some(beats);
         event = event
             .attr(
@@ -272,6 +272,26 @@ pub(crate) async fn monitor_rpc<F: Future>(method: &'static str, fut: F) -> F::O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stops_promptly_when_its_stop_sender_is_dropped() {
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let config = MetricsConfig {
+            interval: std::time::Duration::from_secs(60),
+        };
+        let (_handle, thread) =
+            spawn(config, crate::sink::EventSink::new(|_| {}), stopped).unwrap();
+        assert_eq!(thread.thread().name(), Some("kms-diag-metrics"));
+        let asked = std::time::Instant::now();
+        drop(stop);
+        let deadline = asked + std::time::Duration::from_secs(5);
+        while !thread.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "thread did not stop");
+            std::thread::yield_now();
+        }
+        // The interval is a minute; stopping does not wait for it.
+        assert!(asked.elapsed() < std::time::Duration::from_secs(1));
+    }
 
     #[test]
     fn one_monitor_per_method() {

@@ -204,6 +204,26 @@ fn fd_limit() -> Option<u64> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn stops_promptly_when_its_stop_sender_is_dropped() {
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let config = ProcessConfig {
+            interval: std::time::Duration::from_secs(60),
+            listen_port: None,
+        };
+        let thread = spawn(config, crate::sink::EventSink::new(|_| {}), stopped).unwrap();
+        assert_eq!(thread.thread().name(), Some("kms-diag-process"));
+        let asked = std::time::Instant::now();
+        drop(stop);
+        let deadline = asked + std::time::Duration::from_secs(5);
+        while !thread.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "thread did not stop");
+            std::thread::yield_now();
+        }
+        // The interval is a minute; stopping does not wait for it.
+        assert!(asked.elapsed() < std::time::Duration::from_secs(1));
+    }
+
     const STATUS: &str = "Name:\tdstack-kms\nUmask:\t0022\nState:\tS (sleeping)\nVmPeak:\t  120000 kB\nVmRSS:\t   33512 kB\nThreads:\t9\n";
 
     #[test]

@@ -159,3 +159,93 @@ fn run(
         runtime.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::DiagEvent;
+    use std::time::Instant;
+
+    fn capture() -> (EventSink, Arc<Mutex<Vec<DiagEvent>>>) {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let into = Arc::clone(&events);
+        (
+            EventSink::new(move |e| into.lock().unwrap().push(e)),
+            events,
+        )
+    }
+
+    fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn stops_promptly_when_its_stop_sender_is_dropped() {
+        let config = WatchdogConfig {
+            poll_threshold: Duration::from_secs(60),
+            heartbeat_threshold: Duration::from_secs(60),
+        };
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let (_handle, thread) = spawn(config, EventSink::new(|_| {}), stopped).unwrap();
+        assert_eq!(thread.thread().name(), Some("kms-diag-watchdog"));
+        let asked = Instant::now();
+        drop(stop);
+        wait_for("the watchdog thread to end", Duration::from_secs(5), || {
+            thread.is_finished()
+        });
+        // It waits at most one check interval (100 ms at these thresholds).
+        assert!(asked.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_runtime_that_shuts_down_is_forgotten_without_a_false_stall() {
+        let config = WatchdogConfig {
+            poll_threshold: Duration::from_millis(50),
+            heartbeat_threshold: Duration::from_millis(100),
+        };
+        let (sink, events) = capture();
+        let (_stop, stopped) = std::sync::mpsc::channel();
+        let (handle, _thread) = spawn(config.clone(), sink, stopped).unwrap();
+        let rt = crate::runtime_builder(Some(1)).build().unwrap();
+        let runtime = crate::runtime::tokio_id_u64(rt.handle().id());
+        handle.watch_runtime(rt.handle());
+
+        // Control: a real stall on this runtime is seen, and ends.
+        rt.block_on(async {
+            tokio::spawn(async { std::thread::sleep(Duration::from_millis(300)) })
+                .await
+                .unwrap();
+        });
+        let count = |name: &str| {
+            events
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.name == name)
+                .count()
+        };
+        wait_for("the control stall to end", Duration::from_secs(5), || {
+            count("kms.stall_end") >= 1
+        });
+
+        drop(rt);
+        wait_for("the heartbeat to go", Duration::from_secs(5), || {
+            heartbeat::for_runtime(runtime).is_none()
+        });
+        let before = count("kms.stall");
+        // Several heartbeat thresholds without a runtime: nothing to report.
+        let window = Instant::now() + config.heartbeat_threshold * 5;
+        while Instant::now() < window {
+            assert_eq!(
+                count("kms.stall"),
+                before,
+                "stall reported for a runtime that is gone"
+            );
+            std::thread::sleep(config.check_interval());
+        }
+    }
+}
