@@ -2,7 +2,9 @@
 //!
 //! A named OS thread (`kms-diag-deadlock`) calls
 //! [`parking_lot::deadlock::check_deadlock`] every interval (default 10 s) and
-//! exports each cycle found at once as a `kms.deadlock` event.
+//! exports each cycle found at once as a `kms.deadlock` event. A cycle is
+//! reported once: parking_lot parks the deadlocked threads for good after
+//! taking their backtraces, so later checks do not find them again.
 //!
 //! What a report can say about each thread: parking_lot gives the std
 //! [`ThreadId`](std::thread::ThreadId) and a backtrace captured on the
