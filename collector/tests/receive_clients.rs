@@ -348,3 +348,49 @@ async fn retention_and_counters_run_periodically() {
     .await;
     t.server.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_and_console_run_inside_serve_and_write_through_the_store() {
+    use kms_collector::console::SnapshotSink;
+    use kms_collector::probe::ProbeConfig;
+    // Nothing listens on these: the probe records connect failures, the
+    // console recorder keeps retrying; neither stops the server.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let closed_addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let t = TestServer::start_with(|c| {
+        c.probe(Some(
+            ProbeConfig::new(format!("http://{closed_addr}/prpc/KMS.GetMeta"))
+                .interval(Duration::from_millis(50)),
+        ))
+        .console(Some(format!("http://{closed_addr}")))
+    })
+    .await;
+    let db = t.dir.path().join("kms-diag.sqlite");
+    wait_until_async(
+        "probe attempts in the store",
+        Duration::from_secs(10),
+        || {
+            open_ro(&db)
+                .query_row(
+                    "SELECT COUNT(*) FROM probe_attempts WHERE outcome = 'connect'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .expect("query")
+                >= 2
+        },
+    )
+    .await;
+    // The sink the console recorder writes through.
+    let sink = kms_collector::serve::StoreSink::new(t.server.store());
+    let snapshot = kms_collector::store::ConsoleSnapshot {
+        snapshot_ns: 5,
+        ..Default::default()
+    };
+    tokio::task::spawn_blocking(move || sink.write_console_snapshot(&snapshot))
+        .await
+        .expect("join")
+        .expect("stored");
+    t.server.shutdown().await.expect("clean shutdown");
+}

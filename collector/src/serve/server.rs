@@ -217,6 +217,9 @@ pub enum ServeError {
     /// The probe could not be started.
     #[error(transparent)]
     Probe(#[from] ProbeError),
+    /// The console recorder could not be started.
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
     /// The store stage did not finish its last commits in time.
     #[error("the store did not flush within {0:?}")]
     FlushTimeout(Duration),
@@ -236,6 +239,7 @@ pub struct ServerHandle {
     receivers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     probe: Option<ProbeHandle>,
+    console: Option<crate::console::ConsoleHandle>,
     forward: Option<(Forwarder, JoinHandle<()>)>,
     store: StoreHandle,
     stage: StoreStage,
@@ -309,12 +313,13 @@ impl Server {
             )?),
             None => None,
         };
-        if let Some(url) = &config.console {
-            // CONSOLE RECORDER: call site for the probe+console helper's
-            // recorder (`crate::console`), writing through
-            // `super::sinks::StoreSink`. Not wired yet.
-            tracing::warn!(%url, "The console recorder is not part of this build yet; not recording.");
-        }
+        let console = match &config.console {
+            Some(url) => Some(crate::console::spawn(
+                crate::console::ConsoleConfig::new(url.clone()),
+                Arc::new(super::sinks::StoreSink::new(store.clone())),
+            )?),
+            None => None,
+        };
 
         let stats = Arc::new(ReceiverStats::default());
         let limits = Limits {
@@ -375,6 +380,7 @@ impl Server {
             receivers,
             background,
             probe,
+            console,
             forward,
             store,
             stage,
@@ -489,6 +495,9 @@ impl ServerHandle {
         }
         if let Some(probe) = self.probe {
             let _ = probe.stop().await;
+        }
+        if let Some(console) = self.console {
+            let _ = console.stop().await;
         }
         for task in self.background {
             let _ = task.await;
