@@ -72,6 +72,8 @@ pub struct LockWaitFindings {
     /// Why, or why not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cycle_reason: Option<String>,
+    /// Tasks waiting on a held lock for less than the threshold so far.
+    pub waits_below_threshold: usize,
     /// Tasks console flags with `lost-waker`.
     pub lost_waker_tasks: Vec<i64>,
 }
@@ -164,11 +166,14 @@ impl Pass for LockWaitPass {
             };
             let waited_ns = op.busy_ns.unwrap_or(0) + op.idle_ns.unwrap_or(0);
             let waited_ms = waited_ns / 1_000_000;
-            if waited_ms < threshold_ms {
-                continue;
-            }
             let held = bool_of(&res.attributes, "locked")
                 .or_else(|| i64_of(&res.attributes, "permits").map(|p| p == 0));
+            if waited_ms < threshold_ms {
+                if held != Some(false) {
+                    f.waits_below_threshold += 1;
+                }
+                continue;
+            }
             let task = tasks.get(&task_id);
             let wait = LockWait {
                 task_id,

@@ -819,6 +819,40 @@ fn runtime_hypothesis(
             ));
             return hyp("D", Verdict::Inconclusive, None, ev);
         }
+        // Too early to tell: console saw tasks on held locks that have not
+        // waited long enough yet, or its newest snapshot predates the point
+        // where the stuck requests' waits would have passed the threshold.
+        let oldest = handler.iter().map(|s| s.start_ns).min().unwrap_or(0);
+        let due = oldest.saturating_add(
+            i64::try_from(cx.config.lock_wait_threshold.as_nanos()).unwrap_or(i64::MAX),
+        );
+        let stale = lw.snapshot_ns.is_some_and(|t| t < due);
+        if lw.console_snapshots > 0
+            && outbound == 0
+            && c.verdict != Verdict::Confirmed
+            && e.verdict != Verdict::Confirmed
+            && (lw.waits_below_threshold > 0 || stale)
+        {
+            cite_stuck(&handler, "stuck_handler", &mut ev);
+            ev.push(Evidence::new(
+                "missing_data",
+                if stale {
+                    format!(
+                        "{} requests are idle inside the handler, but the newest tokio-console snapshot was taken before their waits could pass {} ms: too early to tell an async lock cycle from another wait",
+                        handler.len(),
+                        lw.threshold_ms
+                    )
+                } else {
+                    format!(
+                        "{} requests are idle inside the handler and {} tasks wait on held locks, for less than {} ms so far: too early to tell an async lock cycle from contention",
+                        handler.len(),
+                        lw.waits_below_threshold,
+                        lw.threshold_ms
+                    )
+                },
+            ));
+            return hyp("D", Verdict::Inconclusive, None, ev);
+        }
         let console = if lw.console_snapshots == 0 {
             "no tokio-console data".to_owned()
         } else if lw.waits.is_empty() {
