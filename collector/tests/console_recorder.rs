@@ -228,6 +228,83 @@ async fn records_stuck_completed_lost_waker_and_blocking_tasks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_task_waiting_on_a_held_mutex() {
+    let addr = console_addr();
+    let workload = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lock = Arc::new(tokio::sync::Mutex::new(()));
+    let (_never_tx, never_rx) = tokio::sync::oneshot::channel::<()>();
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder_lock = Arc::clone(&lock);
+    tokio::task::Builder::new()
+        .name("holds-the-lock")
+        .spawn_on(
+            async move {
+                let _guard = holder_lock.lock().await;
+                let _ = held_tx.send(());
+                let _ = never_rx.await;
+            },
+            workload.handle(),
+        )
+        .unwrap();
+    held_rx.await.unwrap();
+    tokio::task::Builder::new()
+        .name("waits-for-the-lock")
+        .spawn_on(
+            async move {
+                let _guard = lock.lock().await;
+            },
+            workload.handle(),
+        )
+        .unwrap();
+
+    let sink = Arc::new(MemorySink::default());
+    let config =
+        ConsoleConfig::new(format!("http://{addr}")).snapshot_interval(Duration::from_millis(100));
+    let recorder = console::spawn(config, sink.clone()).unwrap();
+    let (snap, waiter, op) = wait_for("the waiter's Mutex::lock async op", || {
+        let snaps = sink.snapshots();
+        let s = snaps.last()?;
+        let waiter = task(s, "waits-for-the-lock")?.clone();
+        let op = s
+            .async_ops
+            .iter()
+            .find(|o| {
+                o.source.as_deref() == Some("Mutex::lock") && o.task_id == Some(waiter.task_id)
+            })?
+            .clone();
+        Some((s.clone(), waiter, op))
+    })
+    .await;
+    assert_eq!(waiter.state, "idle", "{waiter:#?}");
+    let resource = snap
+        .resources
+        .iter()
+        .find(|r| Some(r.resource_id) == op.resource_id)
+        .expect("the async op's resource is in the snapshot");
+    assert_eq!(
+        resource.concrete_type.as_deref(),
+        Some("Mutex"),
+        "{resource:#?}"
+    );
+    assert_eq!(resource.attributes["locked"], true, "{resource:#?}");
+    assert!(
+        resource
+            .location
+            .as_deref()
+            .unwrap_or_default()
+            .contains("console_recorder.rs:"),
+        "{resource:#?}"
+    );
+    assert!(op.polls.unwrap() >= 1, "{op:#?}");
+    recorder.stop().await;
+    workload.shutdown_background();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_land_in_a_real_sqlite_file() {
     let addr = console_addr();
     let workload = tokio::runtime::Builder::new_multi_thread()

@@ -93,6 +93,43 @@ pub(crate) struct ConsoleState {
     fresh_updates: u64,
     /// Events the remote could not record (its buffer was full), summed.
     dropped_events: u64,
+    /// Completed entities already stored, in case the remote announces them
+    /// again (see [`Tombstones`]).
+    done_tasks: Tombstones,
+    done_resources: Tombstones,
+    done_async_ops: Tombstones,
+}
+
+/// Ids of completed entities that were stored and forgotten.
+///
+/// console-subscriber sends a new subscriber everything it retains, but
+/// leaves the "not yet published" marks of that data set, so its next
+/// regular update announces recent entities a second time. An entity
+/// announced again with the same drop time is the one already stored and is
+/// ignored. A different entity reusing the id (span ids are reused) has
+/// another drop time, or none, and is kept. Entries expire after
+/// [`Tombstones::KEEP_NS`] of remote time, so the set stays small.
+#[derive(Debug, Default)]
+struct Tombstones(HashMap<u64, (i64, i64)>);
+
+impl Tombstones {
+    /// How long a stored completion is remembered (remote clock).
+    const KEEP_NS: i64 = 60_000_000_000;
+
+    /// Remembers that `id`, dropped at `dropped_ns`, was stored at `now`.
+    fn bury(&mut self, id: u64, dropped_ns: i64, now: i64) {
+        self.0.insert(id, (dropped_ns, now));
+    }
+
+    /// True when `id` dropped at `dropped_ns` was already stored.
+    fn holds(&self, id: u64, dropped_ns: Option<i64>) -> bool {
+        matches!((self.0.get(&id), dropped_ns), (Some((d, _)), Some(dropped)) if *d == dropped)
+    }
+
+    fn expire(&mut self, now: i64) {
+        self.0
+            .retain(|_, (_, stored)| now.saturating_sub(*stored) < Self::KEEP_NS);
+    }
 }
 
 impl ConsoleState {
@@ -124,6 +161,7 @@ impl ConsoleState {
         if let Some(ops) = update.async_op_update {
             self.apply_async_ops(ops);
         }
+        self.forget_stored_completions();
     }
 
     fn apply_tasks(&mut self, update: proto::tasks::TaskUpdate) {
@@ -255,6 +293,17 @@ impl ConsoleState {
         }
     }
 
+    /// Drops entities announced again after their completion was stored.
+    fn forget_stored_completions(&mut self) {
+        let (tasks, resources, ops) =
+            (&self.done_tasks, &self.done_resources, &self.done_async_ops);
+        self.tasks
+            .retain(|id, t| !tasks.holds(*id, t.stats.dropped_ns));
+        self.resources
+            .retain(|id, r| !resources.holds(*id, r.dropped_ns));
+        self.async_ops.retain(|id, o| !ops.holds(*id, o.dropped_ns));
+    }
+
     /// True when updates arrived since the last [`Self::take_snapshot`].
     pub(crate) fn has_fresh_updates(&self) -> bool {
         self.fresh_updates > 0 && self.now_ns.is_some()
@@ -292,9 +341,39 @@ impl ConsoleState {
             .iter()
             .map(|(&id, op)| self.async_op_row(id, op, now))
             .collect();
-        self.tasks.retain(|_, t| t.stats.dropped_ns.is_none());
-        self.resources.retain(|_, r| r.dropped_ns.is_none());
-        self.async_ops.retain(|_, o| o.dropped_ns.is_none());
+        for t in [
+            &mut self.done_tasks,
+            &mut self.done_resources,
+            &mut self.done_async_ops,
+        ] {
+            t.expire(now);
+        }
+        let (done_tasks, done_resources, done_ops) = (
+            &mut self.done_tasks,
+            &mut self.done_resources,
+            &mut self.done_async_ops,
+        );
+        self.tasks.retain(|&id, t| match t.stats.dropped_ns {
+            Some(dropped) => {
+                done_tasks.bury(id, dropped, now);
+                false
+            }
+            None => true,
+        });
+        self.resources.retain(|&id, r| match r.dropped_ns {
+            Some(dropped) => {
+                done_resources.bury(id, dropped, now);
+                false
+            }
+            None => true,
+        });
+        self.async_ops.retain(|&id, o| match o.dropped_ns {
+            Some(dropped) => {
+                done_ops.bury(id, dropped, now);
+                false
+            }
+            None => true,
+        });
         Some(ConsoleSnapshot {
             snapshot_ns: now,
             tasks,
@@ -605,6 +684,356 @@ fn id_i64(id: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const S: i64 = 1_000_000_000;
+    const T0: i64 = 1_700_000_000 * S;
+
+    fn at(ns: i64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    }
+
+    fn lints() -> Lints {
+        Lints {
+            self_wake_percent: 50,
+            poll_threshold: Duration::from_secs(1),
+            large_future_bytes: 1024,
+        }
+    }
+
+    fn meta_update() -> proto::RegisterMetadata {
+        proto::RegisterMetadata {
+            metadata: vec![proto::register_metadata::NewMetadata {
+                id: Some(proto::MetaId { id: 7 }),
+                metadata: Some(proto::Metadata {
+                    name: "runtime.spawn".into(),
+                    target: "tokio::task".into(),
+                    field_names: vec!["kind".into(), "task.name".into(), "task.id".into()],
+                    ..Default::default()
+                }),
+            }],
+        }
+    }
+
+    fn idx_field(idx: u64, value: proto::field::Value) -> proto::Field {
+        proto::Field {
+            name: Some(proto::field::Name::NameIdx(idx)),
+            value: Some(value),
+            metadata_id: Some(proto::MetaId { id: 7 }),
+        }
+    }
+
+    fn new_task(id: u64, name: &str, kind: &str) -> proto::tasks::Task {
+        proto::tasks::Task {
+            id: Some(proto::Id { id }),
+            metadata: Some(proto::MetaId { id: 7 }),
+            kind: 0,
+            fields: vec![
+                idx_field(0, proto::field::Value::StrVal(kind.into())),
+                idx_field(1, proto::field::Value::StrVal(name.into())),
+                idx_field(2, proto::field::Value::U64Val(id + 100)),
+                proto::Field {
+                    name: Some(proto::field::Name::StrName("peer".into())),
+                    value: Some(proto::field::Value::DebugVal("webhook".into())),
+                    metadata_id: None,
+                },
+            ],
+            parents: vec![],
+            location: Some(proto::Location {
+                file: Some("src/main_service.rs".into()),
+                module_path: None,
+                line: Some(42),
+                column: Some(9),
+            }),
+        }
+    }
+
+    /// Stats of a task created at T0; times in seconds after T0.
+    #[derive(Default)]
+    struct St {
+        polls: u64,
+        busy_s: u64,
+        started: Option<i64>,
+        ended: Option<i64>,
+        wake: Option<i64>,
+        wakes: u64,
+        self_wakes: u64,
+        clones: u64,
+        drops: u64,
+        dropped: Option<i64>,
+    }
+
+    fn stats(s: St) -> proto::tasks::Stats {
+        let t = |sec: i64| Some(at(T0 + sec * S).into());
+        proto::tasks::Stats {
+            created_at: t(0),
+            dropped_at: s.dropped.and_then(t),
+            wakes: s.wakes,
+            waker_clones: s.clones,
+            waker_drops: s.drops,
+            last_wake: s.wake.and_then(t),
+            poll_stats: Some(proto::PollStats {
+                polls: s.polls,
+                first_poll: s.started.and_then(t),
+                last_poll_started: s.started.and_then(t),
+                last_poll_ended: s.ended.and_then(t),
+                busy_time: Some(Duration::from_secs(s.busy_s).try_into().unwrap()),
+            }),
+            self_wakes: s.self_wakes,
+            scheduled_time: Some(Duration::from_secs(1).try_into().unwrap()),
+        }
+    }
+
+    fn update(
+        now_s: i64,
+        meta: bool,
+        tasks: Vec<proto::tasks::Task>,
+        st: Vec<(u64, St)>,
+    ) -> proto::instrument::Update {
+        proto::instrument::Update {
+            now: Some(at(T0 + now_s * S).into()),
+            task_update: Some(proto::tasks::TaskUpdate {
+                new_tasks: tasks,
+                stats_update: st.into_iter().map(|(id, s)| (id, stats(s))).collect(),
+                dropped_events: 0,
+            }),
+            resource_update: None,
+            async_op_update: None,
+            new_metadata: meta.then(meta_update),
+        }
+    }
+
+    fn row<'a>(snap: &'a ConsoleSnapshot, name: &str) -> &'a ConsoleTaskRow {
+        snap.tasks
+            .iter()
+            .find(|t| t.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no task {name} in {snap:#?}"))
+    }
+
+    #[test]
+    fn deltas_build_tokio_console_state_and_lints() {
+        let mut state = ConsoleState::default();
+        assert!(state.take_snapshot(&lints()).is_none());
+        state.apply(update(
+            10,
+            true,
+            vec![
+                new_task(1, "waits-on-webhook", "task"),
+                new_task(2, "woken", "task"),
+                new_task(3, "spins", "task"),
+                new_task(4, "blocking-io", "blocking"),
+                new_task(5, "done", "task"),
+            ],
+            vec![
+                // Idle since its last poll at 2 s, one waker held elsewhere.
+                (
+                    1,
+                    St {
+                        polls: 2,
+                        busy_s: 0,
+                        started: Some(1),
+                        ended: Some(2),
+                        clones: 1,
+                        ..St::default()
+                    },
+                ),
+                // Woken at 9 s after its poll ended at 5 s: scheduled for 1 s.
+                (
+                    2,
+                    St {
+                        polls: 1,
+                        started: Some(4),
+                        ended: Some(5),
+                        wake: Some(9),
+                        wakes: 1,
+                        clones: 1,
+                        drops: 1,
+                        ..St::default()
+                    },
+                ),
+                // Mostly wakes itself; in a poll since 8 s (its 5th).
+                (
+                    3,
+                    St {
+                        polls: 5,
+                        busy_s: 1,
+                        started: Some(8),
+                        ended: Some(7),
+                        wake: Some(7),
+                        wakes: 10,
+                        self_wakes: 6,
+                        clones: 2,
+                        ..St::default()
+                    },
+                ),
+                // Blocking task, no wakers: never a lost waker.
+                (
+                    4,
+                    St {
+                        polls: 1,
+                        started: Some(1),
+                        ended: Some(2),
+                        ..St::default()
+                    },
+                ),
+                (
+                    5,
+                    St {
+                        polls: 1,
+                        busy_s: 0,
+                        started: Some(1),
+                        ended: Some(1),
+                        dropped: Some(1),
+                        ..St::default()
+                    },
+                ),
+                // Stats for a task never announced: ignored.
+                (99, St::default()),
+            ],
+        ));
+        assert!(state.has_fresh_updates());
+        let snap = state.take_snapshot(&lints()).unwrap();
+        assert!(!state.has_fresh_updates());
+        assert_eq!(snap.snapshot_ns, T0 + 10 * S);
+        assert_eq!(snap.tasks.len(), 5);
+
+        let t = row(&snap, "waits-on-webhook");
+        assert_eq!(t.state, "idle");
+        assert_eq!(t.task_id, 1);
+        assert_eq!(t.tokio_task_id, Some(101));
+        assert_eq!(t.kind.as_deref(), Some("task"));
+        assert_eq!(
+            t.spawn_location.as_deref(),
+            Some("src/main_service.rs:42:9")
+        );
+        assert_eq!(
+            t.fields,
+            serde_json::json!({"peer": "webhook", "target": "tokio::task"})
+        );
+        assert_eq!(t.waker_count, Some(1));
+        assert_eq!(t.busy_ns, Some(0));
+        assert_eq!(t.scheduled_ns, Some(S));
+        assert_eq!(t.idle_ns, Some(9 * S));
+        assert_eq!(t.last_poll_ended_ns, Some(T0 + 2 * S));
+        assert!(t.warnings.is_empty(), "{t:#?}");
+
+        let t = row(&snap, "woken");
+        assert_eq!(t.state, "scheduled");
+        assert_eq!(t.scheduled_ns, Some(2 * S));
+        assert!(t.warnings.is_empty(), "{t:#?}");
+
+        let t = row(&snap, "spins");
+        assert_eq!(t.state, "running");
+        assert_eq!(t.busy_ns, Some(3 * S));
+        assert_eq!(t.warnings, ["self-wakes", "long-poll"]);
+
+        let t = row(&snap, "blocking-io");
+        assert_eq!(t.state, "idle");
+        assert!(t.warnings.is_empty(), "{t:#?}");
+
+        let t = row(&snap, "done");
+        assert_eq!(t.state, "completed");
+        assert_eq!(t.idle_ns, Some(0));
+
+        // The idle task loses its waker: lost-waker. The completed task is gone.
+        state.apply(update(
+            11,
+            false,
+            vec![],
+            vec![(
+                1,
+                St {
+                    polls: 2,
+                    started: Some(1),
+                    ended: Some(2),
+                    clones: 1,
+                    drops: 1,
+                    ..St::default()
+                },
+            )],
+        ));
+        let snap = state.take_snapshot(&lints()).unwrap();
+        assert_eq!(snap.tasks.len(), 4);
+        assert!(snap.tasks.iter().all(|t| t.name.as_deref() != Some("done")));
+        assert_eq!(row(&snap, "waits-on-webhook").warnings, ["lost-waker"]);
+        assert_eq!(row(&snap, "waits-on-webhook").idle_ns, Some(10 * S));
+        // Unchanged tasks keep their stats; durations follow the remote clock.
+        assert_eq!(row(&snap, "spins").busy_ns, Some(4 * S));
+        assert_eq!(state.len(), 4);
+    }
+
+    #[test]
+    fn a_completed_task_announced_again_is_not_stored_twice() {
+        let done = || St {
+            polls: 1,
+            started: Some(1),
+            ended: Some(1),
+            dropped: Some(2),
+            ..St::default()
+        };
+        let mut state = ConsoleState::default();
+        state.apply(update(
+            3,
+            true,
+            vec![new_task(5, "done", "task")],
+            vec![(5, done())],
+        ));
+        let snap = state.take_snapshot(&lints()).unwrap();
+        assert_eq!(row(&snap, "done").state, "completed");
+        // The subscriber's next update announces it again: ignored.
+        state.apply(update(
+            4,
+            false,
+            vec![new_task(5, "done", "task")],
+            vec![(5, done())],
+        ));
+        let snap = state.take_snapshot(&lints()).unwrap();
+        assert!(snap.tasks.is_empty(), "{snap:#?}");
+        // Another task reusing the id is a new task.
+        state.apply(update(
+            5,
+            false,
+            vec![new_task(5, "reuses-id", "task")],
+            vec![(
+                5,
+                St {
+                    polls: 1,
+                    started: Some(4),
+                    ended: Some(5),
+                    clones: 1,
+                    ..St::default()
+                },
+            )],
+        ));
+        let snap = state.take_snapshot(&lints()).unwrap();
+        assert_eq!(row(&snap, "reuses-id").state, "idle");
+        // Remembered completions expire.
+        state.apply(update(100, false, vec![], vec![]));
+        state.take_snapshot(&lints()).unwrap();
+        assert!(state.done_tasks.0.is_empty());
+    }
+
+    #[test]
+    fn a_first_poll_past_the_threshold_never_yielded() {
+        let mut state = ConsoleState::default();
+        state.apply(update(
+            5,
+            true,
+            vec![new_task(1, "hog", "task")],
+            vec![(
+                1,
+                St {
+                    polls: 1,
+                    started: Some(3),
+                    ..St::default()
+                },
+            )],
+        ));
+        let snap = state.take_snapshot(&lints()).unwrap();
+        let t = row(&snap, "hog");
+        assert_eq!(t.state, "running");
+        assert_eq!(t.warnings, ["never-yielded", "long-poll"]);
+        assert_eq!(t.last_poll_ended_ns, None);
+    }
 
     #[test]
     fn registry_paths_are_shortened() {

@@ -36,6 +36,9 @@ use crate::store::{ProbeAttempt, ProbeOutcome};
 /// The body of every attempt: `GetMeta` takes no arguments.
 const BODY: &[u8] = b"{}";
 
+/// Largest answer body read; GetMeta's answer is a few KiB.
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
 /// Per-phase time limits.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timeouts {
@@ -218,7 +221,9 @@ impl Prober {
                 .await
                 .map_err(|e| Failure::new(ProbeOutcome::Other, format!("HTTP request: {e}")))?;
             let status = response.status().as_u16();
-            let body = response.into_body().collect().await;
+            let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await;
             drop(driver);
             match body {
                 Ok(_) => Ok(status),

@@ -315,10 +315,10 @@ pub struct ProbeArgs {
     /// certificate (the KMS uses self-signed RA-TLS); http is plain.
     pub url: String,
     /// Time between attempt starts.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "KMS_PROBE_INTERVAL")]
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "KMS_COLLECTOR_PROBE_INTERVAL")]
     pub interval: Duration,
     /// Limit of each phase of an attempt: TCP connect, TLS handshake, HTTP answer.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, env = "KMS_PROBE_TIMEOUT")]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, env = "KMS_COLLECTOR_PROBE_TIMEOUT")]
     pub timeout: Duration,
     /// SQLite file that keeps every attempt (`probe_attempts`).
     #[arg(long, default_value = "./kms-diag.sqlite", env = "KMS_COLLECTOR_DB")]
@@ -332,13 +332,14 @@ pub struct ProbeArgs {
 /// attempts), one status line per attempt, then prints the summary with the
 /// time to first failure.
 pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
+    // A bad URL should not leave a database file behind.
+    Target::parse(&args.url)?;
     let sink = open_sink(&args.db)?;
     let config = ProbeConfig::new(args.url.clone())
         .interval(args.interval)
         .timeout(args.timeout)
         .count(args.count)
         .status_output(StatusOutput::Stdout);
-    let handle = spawn(config, sink).with_context(|| format!("starting to probe {}", args.url))?;
     println!(
         "Probing {} every {} (timeout {} per phase; any server certificate accepted), storing in {}.",
         args.url,
@@ -346,6 +347,7 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
         humantime::format_duration(args.timeout),
         args.db.display()
     );
+    let handle = spawn(config, sink).with_context(|| format!("starting to probe {}", args.url))?;
     let summary = wait(handle).await;
     println!("{summary}");
     Ok(())
