@@ -51,6 +51,9 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Run the KMS twin itself (what `run` and `matrix` start as a child).
+    #[command(hide = true)]
+    Twin(kms_twin::twin::TwinArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,7 +64,7 @@ struct Common {
     /// Worker threads of the twin's runtime.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// The kms-twin binary (default: next to kms-lab).
+    /// Run this kms-twin binary (default: this binary's hidden `twin` subcommand).
     #[arg(long, env = "KMS_TWIN_BIN")]
     twin: Option<PathBuf>,
     /// No progress lines.
@@ -71,11 +74,16 @@ struct Common {
 
 impl Common {
     fn config(&self) -> anyhow::Result<LabConfig> {
+        let (twin_binary, twin_subcommand) = match &self.twin {
+            Some(path) => (path.clone(), Vec::new()),
+            None => (
+                std::env::current_exe().context("finding kms-lab's own binary")?,
+                vec!["twin".into()],
+            ),
+        };
         Ok(LabConfig {
-            twin_binary: match &self.twin {
-                Some(path) => path.clone(),
-                None => kms_twin::lab::child::twin_binary()?,
-            },
+            twin_binary,
+            twin_subcommand,
             workers: self.workers,
             probe_interval: self.probe_interval,
             progress: !self.quiet,
@@ -84,10 +92,21 @@ impl Common {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    if let Command::Twin(args) = cli.command {
+        // The twin builds its own runtime and installs its own subscriber.
+        kms_twin::twin::run_as(args, vec!["twin".into()])?;
+        return Ok(ExitCode::SUCCESS);
+    }
     tracing_init();
-    match Cli::parse().command {
+    tokio::runtime::Runtime::new()
+        .context("starting the lab's runtime")?
+        .block_on(lab(cli.command))
+}
+
+async fn lab(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Run {
             fault,
             keep,
@@ -144,7 +163,13 @@ async fn main() -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Twin(_) => unreachable_twin(),
     }
+}
+
+/// `main` runs the twin subcommand before starting the lab.
+fn unreachable_twin() -> anyhow::Result<ExitCode> {
+    anyhow::bail!("the twin subcommand runs outside the lab's runtime")
 }
 
 /// Warnings and errors of the in-process collector on stderr.

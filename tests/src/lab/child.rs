@@ -17,6 +17,8 @@ use crate::twin::ReadyInfo;
 pub struct TwinLaunch {
     /// The `kms-twin` binary.
     pub binary: PathBuf,
+    /// Arguments before the twin's own (e.g. `twin` for `kms-lab twin`).
+    pub subcommand: Vec<OsString>,
     /// Arguments (`--fault`, `--workers`, ...).
     pub args: Vec<OsString>,
     /// Environment added to the lab's (the `KMS_DIAG_*` configuration).
@@ -48,6 +50,7 @@ impl TwinProcess {
         let _ = std::fs::remove_file(&launch.ready_file);
         let mut command = tokio::process::Command::new(&launch.binary);
         command
+            .args(&launch.subcommand)
             .args(&launch.args)
             .arg("--ready-file")
             .arg(&launch.ready_file)
@@ -141,24 +144,4 @@ pub fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-/// Where the `kms-twin` binary is: `$KMS_TWIN_BIN`, else next to the
-/// running executable (cargo puts both binaries in the same directory; a test
-/// executable lives one level below, in `deps/`).
-pub fn twin_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("KMS_TWIN_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe().context("finding the running executable")?;
-    let dir = exe.parent().context("executable without a directory")?;
-    for candidate in [dir.join("kms-twin"), dir.join("../kms-twin")] {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    bail!(
-        "kms-twin not found next to {} (build it with `cargo build -p kms-twin`, or set KMS_TWIN_BIN)",
-        exe.display()
-    )
 }

@@ -30,8 +30,11 @@ use crate::twin::admin::TwinState;
 /// How a lab run is set up. `Default` is what `kms-lab` uses.
 #[derive(Debug, Clone)]
 pub struct LabConfig {
-    /// The `kms-twin` binary.
+    /// The `kms-twin` binary (or a binary that runs the twin behind
+    /// [`LabConfig::twin_subcommand`]).
     pub twin_binary: PathBuf,
+    /// Arguments before the twin's own, e.g. `["twin"]` for `kms-lab twin`.
+    pub twin_subcommand: Vec<OsString>,
     /// Worker threads of the twin's runtime.
     pub workers: usize,
     /// Time between GetMeta probes.
@@ -92,6 +95,7 @@ impl Default for LabConfig {
         .collect();
         LabConfig {
             twin_binary: PathBuf::from("kms-twin"),
+            twin_subcommand: Vec::new(),
             workers: 2,
             probe_interval: Duration::from_secs(1),
             probe_timeout: Duration::from_secs(3),
@@ -321,6 +325,12 @@ pub async fn run_scenario(
         "KMS_DIAG_OTLP_ENDPOINT".into(),
         format!("http://{}", server.grpc_addr()),
     ));
+    // The limit `memory-leak` approaches, for a library that lets the host
+    // state it (instrumented-kms otherwise reports cgroup memory.max or
+    // MemTotal; see the crate docs).
+    if let Ok(bytes) = crate::twin::parse_bytes(config.memory_limit) {
+        env.push(("KMS_DIAG_MEMORY_LIMIT".into(), bytes.to_string()));
+    }
     env.push((
         "KMS_DIAG_CONSOLE_BIND".into(),
         format!("127.0.0.1:{console_port}"),
@@ -340,6 +350,7 @@ pub async fn run_scenario(
     }
     let launch = TwinLaunch {
         binary: config.twin_binary.clone(),
+        subcommand: config.twin_subcommand.clone(),
         args,
         env,
         log: dir.join(files::TWIN_LOG),
@@ -459,7 +470,10 @@ pub async fn run_scenario(
     let hang_seen_after = hang_at.and_then(|h| h.checked_duration_since(injected));
     progress.status(
         if timed_out { "timed out" } else { "verdict" },
-        &format!("{last_sig} after {:.1?}", injected.elapsed()),
+        &format!(
+            "{last_sig}, first seen {:.1}s after injection",
+            verdict_after.unwrap_or_default().as_secs_f64()
+        ),
     );
 
     // Tear down: the twin may be wedged for good, so it is killed.

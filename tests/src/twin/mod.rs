@@ -111,6 +111,17 @@ pub const READY_PREFIX: &str = "KMS_TWIN_READY ";
 /// When a listener cannot be bound, the limits cannot be set or
 /// instrumented-kms cannot start.
 pub fn run(args: TwinArgs) -> anyhow::Result<()> {
+    run_as(args, Vec::new())
+}
+
+/// Like [`run`], for a binary that runs the twin behind a subcommand:
+/// `subcommand` is what precedes the twin's own flags on its command line
+/// (e.g. `["twin"]` for `kms-lab twin`), so the twin can re-run itself as
+/// the measurement helper.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_as(args: TwinArgs, subcommand: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     if args.as_measurement_helper {
         measurement_helper();
     }
@@ -158,6 +169,7 @@ pub fn run(args: TwinArgs) -> anyhow::Result<()> {
         leak_per_request: args.leak_per_request,
         lock_hold: args.lock_hold,
         measurement_helper: std::env::current_exe().context("finding the twin's own binary")?,
+        measurement_helper_args: subcommand,
     };
     let kms = Arc::new(Kms::new(config, fault.clone(), Some(fake_peers.clone())));
     let admin = admin::start(args.admin, kms.clone()).context("starting the admin endpoint")?;

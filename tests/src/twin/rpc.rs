@@ -345,6 +345,7 @@ fn measure_os_image(kms: &Kms) -> Result<(), RpcError> {
     }
     kms.counters.blocked_workers.fetch_add(1, Ordering::Relaxed);
     let output = std::process::Command::new(&kms.config.measurement_helper)
+        .args(&kms.config.measurement_helper_args)
         .arg("--as-measurement-helper")
         .output();
     kms.counters.blocked_workers.fetch_sub(1, Ordering::Relaxed);

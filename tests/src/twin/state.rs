@@ -31,6 +31,8 @@ pub struct KmsConfig {
     /// run by `dstack-mr` with `Command::output()`); normally the twin
     /// itself with `--as-measurement-helper`.
     pub measurement_helper: PathBuf,
+    /// Arguments before `--as-measurement-helper` (a subcommand, if any).
+    pub measurement_helper_args: Vec<std::ffi::OsString>,
 }
 
 /// Everything the request handlers share.

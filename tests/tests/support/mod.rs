@@ -13,6 +13,7 @@ pub async fn start_twin(args: &[&str], env: &[(&str, &str)]) -> (TwinProcess, te
     let dir = tempfile::tempdir().expect("temp dir");
     let launch = TwinLaunch {
         binary: PathBuf::from(env!("CARGO_BIN_EXE_kms-twin")),
+        subcommand: Vec::new(),
         args: args.iter().map(OsString::from).collect(),
         env: [
             // Each twin its own console port; no collector in these tests.
