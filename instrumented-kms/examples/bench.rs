@@ -12,6 +12,8 @@
 //!
 //! Configurations (alternated, two rounds):
 //! - `off`: no subscriber at all.
+//! - `fmt-only`: what the upstream KMS pays today: a fmt layer with an `info`
+//!   env filter (spans at `info` are recorded by the registry).
 //! - `stock`: console-subscriber defaults, tracing-opentelemetry with the
 //!   opentelemetry_sdk default batch exporter (OTLP/gRPC), tokio-metrics
 //!   (RuntimeMonitor + a TaskMonitor), a parking_lot deadlock thread.
@@ -24,7 +26,12 @@
 //! (threshold 1 s, interval 0.5 s) must get through while ordinary spans may
 //! be dropped.
 //!
-//! Environment: `BENCH_SECS` (per cell, default 3), `BENCH_ROUNDS` (default 2).
+//! Diagnostic variants (only with `BENCH_CONFIGS`): `off-hooks` (our runtime
+//! builder's poll hooks, no subscriber), `ours-no-otlp`, `ours-nomon` (no
+//! per-RPC task monitor).
+//!
+//! Environment: `BENCH_SECS` (per cell, default 3), `BENCH_ROUNDS` (default
+//! 2), `BENCH_CONFIGS` and `BENCH_LOADS` (comma-separated subsets).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -43,7 +50,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tracing::Instrument;
 
-const CONFIGS: &[&str] = &["off", "stock", "ours-no-console", "ours-all"];
+const CONFIGS: &[&str] = &["off", "fmt-only", "stock", "ours-no-console", "ours-all"];
 const LOADS: &[usize] = &[16, 512];
 const STUCK: usize = 4;
 const STUCK_FOR: Duration = Duration::from_millis(2500);
@@ -69,6 +76,7 @@ enum Mode {
 
 struct Server {
     mode: Mode,
+    no_monitor: bool,
     served: AtomicU64,
     stock_monitor: tokio_metrics::TaskMonitor,
 }
@@ -96,7 +104,12 @@ fn max_rss_kb() -> u64 {
 
 fn server(config: &str, endpoint: &str) {
     let (mode, rt) = match config {
-        "off" => (Mode::Off, plain_runtime()),
+        "off" | "fmt-only" => (Mode::Off, plain_runtime()),
+        // Diagnostic variants, for finding where the cost is.
+        "off-hooks" => (
+            Mode::Off,
+            instrumented_kms::runtime_builder(Some(2)).build().unwrap(),
+        ),
         "stock" => (Mode::Stock, plain_runtime()),
         _ => (
             Mode::Ours,
@@ -106,14 +119,34 @@ fn server(config: &str, endpoint: &str) {
     let mut ours_guard = None;
     let mut stock_provider = None;
     match config {
-        "off" => {}
+        "off" | "off-hooks" => {}
+        "fmt-only" => {
+            use tracing_subscriber::prelude::*;
+            tracing_subscriber::registry()
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_filter(tracing_subscriber::EnvFilter::new("info")),
+                )
+                .init();
+        }
+        "ours-no-otlp" => {
+            let guard = instrumented_kms::Builder::default()
+                .log_filter("warn")
+                .otlp_enabled(false)
+                .console_enabled(false)
+                .init()
+                .unwrap();
+            guard.watch_runtime(rt.handle());
+            ours_guard = Some(guard);
+        }
         "stock" => stock_provider = Some(install_stock(&rt, endpoint)),
-        "ours-no-console" | "ours-all" => {
+        "ours-no-console" | "ours-all" | "ours-nomon" => {
             let guard = instrumented_kms::Builder::default()
                 .service_name("bench")
                 .otlp_endpoint(endpoint)
                 .log_filter("warn")
                 .console_enabled(config == "ours-all")
+                .metrics_interval(Duration::from_secs(5))
                 .console_bind("127.0.0.1:0".parse().unwrap())
                 .open_span_threshold(Duration::from_secs(1))
                 .open_span_interval(Duration::from_millis(500))
@@ -126,6 +159,7 @@ fn server(config: &str, endpoint: &str) {
     }
     let state = Arc::new(Server {
         mode,
+        no_monitor: config == "ours-nomon",
         served: AtomicU64::new(0),
         stock_monitor: tokio_metrics::TaskMonitor::new(),
     });
@@ -326,6 +360,7 @@ async fn handle(
     let status = match s.mode {
         Mode::Off => work.await,
         Mode::Stock => tokio_metrics::TaskMonitor::instrument(&s.stock_monitor, work).await,
+        Mode::Ours if s.no_monitor => work.await,
         Mode::Ours => instrumented_kms::monitor_rpc(method, work).await,
     };
     match s.mode {
@@ -374,9 +409,24 @@ fn parent() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     let mut results = Vec::new();
+    let only_configs = std::env::var("BENCH_CONFIGS").ok();
+    let only_loads = std::env::var("BENCH_LOADS").ok();
     for round in 0..rounds {
         for &conns in LOADS {
-            for &config in CONFIGS {
+            if only_loads
+                .as_ref()
+                .is_some_and(|l| !l.split(',').any(|x| x == conns.to_string()))
+            {
+                continue;
+            }
+            let configs: Vec<&'static str> = match &only_configs {
+                Some(c) => c
+                    .split(',')
+                    .map(|x| &*Box::leak(x.to_owned().into_boxed_str()))
+                    .collect(),
+                None => CONFIGS.to_vec(),
+            };
+            for config in configs {
                 let r = run_cell(&load_rt, config, conns, duration);
                 println!(
                     "  round {} {:>3} conns {:<16} {:>8.0} req/s  p99 {:>7.2} ms  {:>6.1} µs CPU/req  RSS {:>6.1} MB  spans {:>5.1}% (sampled out {:>5.1}%)  snapshots {}",
@@ -414,7 +464,16 @@ fn parent() {
         "sampled",
         "snapshots"
     );
+    let mut used: Vec<&'static str> = Vec::new();
+    for r in &results {
+        if !used.contains(&r.config) {
+            used.push(r.config);
+        }
+    }
     for &conns in LOADS {
+        if !results.iter().any(|r| r.conns == conns) {
+            continue;
+        }
         let mean = |config: &str, f: &dyn Fn(&CellResult) -> f64| {
             let v: Vec<f64> = results
                 .iter()
@@ -426,7 +485,7 @@ fn parent() {
         let off_rps = mean("off", &|r| r.rps);
         let off_p99 = mean("off", &|r| r.p99_ms);
         let off_cpu = mean("off", &|r| r.cpu_us_per_req);
-        for &config in CONFIGS {
+        for &config in &used {
             let rps = mean(config, &|r| r.rps);
             let p99 = mean(config, &|r| r.p99_ms);
             let cpu = mean(config, &|r| r.cpu_us_per_req);

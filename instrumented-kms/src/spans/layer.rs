@@ -195,20 +195,23 @@ where
             return;
         }
         let Some(span) = ctx.span(id) else { return };
-        let record = span.extensions().get::<Arc<SpanRecord>>().cloned();
-        if let Some(record) = record {
-            registry::push(record);
+        let entered = span
+            .extensions()
+            .get::<Arc<SpanRecord>>()
+            .map(|r| registry::Entered {
+                id: id.into_u64(),
+                name: span.name(),
+                trace_id: r.trace_id,
+                span_id: r.span_id,
+            });
+        if let Some(entered) = entered {
+            registry::push(entered);
         }
     }
 
-    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
-        if !self.track_threads {
-            return;
-        }
-        let Some(span) = ctx.span(id) else { return };
-        let key = span.extensions().get::<Arc<SpanRecord>>().map(|r| r.key());
-        if let Some(key) = key {
-            registry::pop(key);
+    fn on_exit(&self, id: &Id, _ctx: Context<'_, S>) {
+        if self.track_threads {
+            registry::pop(id.into_u64());
         }
     }
 

@@ -80,10 +80,6 @@ impl SpanRecord {
         self.mutable.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn name(&self) -> String {
-        self.lock().name.to_string()
-    }
-
     pub(crate) fn was_snapshotted(&self) -> bool {
         self.snapshot_seq.load(Ordering::Relaxed) > 0
     }
