@@ -1,4 +1,4 @@
-//! The receive stage: OTLP over gRPC ([`grpc`]) and HTTP ([`http`]).
+//! The receive stage: OTLP over gRPC (`grpc.rs`) and HTTP (`http.rs`).
 //!
 //! A receiver only decodes, counts and hands on: each export request becomes
 //! one [`Record::Encoded`] sent through the store stage's bounded queue, and the
