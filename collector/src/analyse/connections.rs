@@ -58,6 +58,13 @@ pub struct ConnectionFindings {
     /// The first of them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_accept_error_ns: Option<i64>,
+    /// When fds ran out: the first sample at the near-limit fraction, the
+    /// first unreadable `/proc/self/fd`, or the first accept error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exhausted_since_ns: Option<i64>,
+    /// Median interval between process samples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_interval_ms: Option<i64>,
     /// `kms.request` spans that started in the failure window.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_started_in_failure: Option<u64>,
@@ -156,6 +163,15 @@ impl Pass for Connections {
             f.peak_ratio = Some((ratio * 1000.0).round() / 1000.0);
             f.near_limit = ratio >= cx.config.fd_near_limit;
         }
+        let near_from = f.fd_limit.and_then(|l| {
+            f.fd_series
+                .iter()
+                .find(|(_, n)| *n as f64 >= l as f64 * cx.config.fd_near_limit)
+                .map(|(t, _)| *t)
+        });
+        let mut gaps: Vec<i64> = f.fd_series.windows(2).map(|w| w[1].0 - w[0].0).collect();
+        gaps.sort_unstable();
+        f.sample_interval_ms = gaps.get(gaps.len() / 2).map(|g| g / 1_000_000);
         f.close_wait = first_peak_last(&f.close_wait_series);
         f.established = first_peak_last(&established);
         for needle in ACCEPT_ERRORS {
@@ -165,6 +181,11 @@ impl Pass for Connections {
                 f.first_accept_error_ns = errs.first().map(|e| e.time_ns);
             }
         }
+        f.exhausted_since_ns = [near_from, f.first_fd_unreadable_ns, f.first_accept_error_ns]
+            .into_iter()
+            .flatten()
+            .min()
+            .filter(|_| f.exhausted());
         let probe_failures = cx
             .diagnosis
             .probe

@@ -72,6 +72,8 @@ pub struct LockWaitFindings {
     /// Why, or why not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cycle_reason: Option<String>,
+    /// Live (not completed) tasks in the judged snapshot.
+    pub live_tasks: usize,
     /// Tasks waiting on a held lock for less than the threshold so far.
     pub waits_below_threshold: usize,
     /// Tasks console flags with `lost-waker`.
@@ -123,6 +125,7 @@ impl Pass for LockWaitPass {
         };
         let snap = cx.reader.console_snapshot(latest)?;
         f.snapshot_ns = Some(latest);
+        f.live_tasks = snap.tasks.iter().filter(|t| t.state != "completed").count();
         f.lost_waker_tasks = snap
             .tasks
             .iter()

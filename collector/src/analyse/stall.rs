@@ -100,6 +100,21 @@ pub struct StallFindings {
 }
 
 impl StallFindings {
+    /// Start of a full runtime stall still going on at the end (a heartbeat
+    /// stall, or every worker stuck in a poll): no future can make progress
+    /// from then on.
+    pub fn full_stall_since(&self) -> Option<i64> {
+        self.episodes
+            .iter()
+            .filter(|e| !e.ended)
+            .filter(|e| {
+                e.kind == "heartbeat"
+                    || matches!((e.workers_stuck, e.workers), (Some(s), Some(w)) if w > 0 && s >= w)
+            })
+            .map(|e| e.first_ns)
+            .min()
+    }
+
     /// Episodes that overlap `w`.
     pub fn episodes_in(&self, w: TimeWindow) -> impl Iterator<Item = &StallEpisode> {
         self.episodes

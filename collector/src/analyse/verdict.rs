@@ -159,10 +159,44 @@ fn outbound_hypothesis(
     closed_by_peer: &BTreeMap<String, PeerCalls>,
 ) -> Hypothesis {
     let stuck = &cx.diagnosis.stuck;
-    let on_peer: Vec<&StuckSpan> = stuck.iter().filter(|s| s.waits_on == peer).collect();
     let mut ev = Vec::new();
+    // A call cannot finish when the runtime froze (no future is polled) or
+    // when it started after the fds ran out (no socket for it): those calls
+    // are stuck because of D or E, and do not blame the peer.
+    let frozen_since = cx.diagnosis.stall.full_stall_since();
+    let long_ns = i64::try_from(cx.config.long_stall.as_nanos()).unwrap_or(i64::MAX);
+    let c = &cx.diagnosis.connections;
+    let no_fd_since = c
+        .exhausted_since_ns
+        .map(|t| t - c.sample_interval_ms.unwrap_or(0) * 1_000_000);
+    let (mut on_peer, mut explained): (Vec<&StuckSpan>, Vec<(&StuckSpan, &str)>) =
+        (Vec::new(), Vec::new());
+    for s in stuck.iter().filter(|s| s.waits_on == peer) {
+        let began = s.innermost.start_ns;
+        if frozen_since.is_some_and(|f| began > f.saturating_sub(long_ns)) {
+            explained.push((s, "the runtime stalled while it was in flight (D)"));
+        } else if no_fd_since.is_some_and(|t| began >= t) {
+            explained.push((s, "it started after the process ran out of fds (E)"));
+        } else {
+            on_peer.push(s);
+        }
+    }
+    let note = explained.first().map(|(s, why)| {
+        Evidence::new(
+            "explained_elsewhere",
+            format!(
+                "{} stuck {} call(s) do not count against the peer: {why} (e.g. {})",
+                explained.len(),
+                peer.as_str(),
+                s.describe()
+            ),
+        )
+        .span(Some(&s.trace_id), Some(&s.innermost.span_id))
+        .at(s.innermost.start_ns)
+    });
     if let Some(first) = on_peer.first() {
         cite_stuck(&on_peer, "stuck_outbound", &mut ev);
+        ev.extend(note.clone());
         // Requests idle in a span that a stuck call runs under (a once-cell,
         // a lock scope) are queued behind that call.
         let scopes: std::collections::BTreeSet<&str> = on_peer
@@ -215,7 +249,12 @@ fn outbound_hypothesis(
     });
     ev.push(Evidence::new(
         "no_stuck_outbound",
-        if stuck.is_empty() {
+        if !explained.is_empty() {
+            format!(
+                "no stuck request waits on {} except calls a stall or fd exhaustion froze (below)",
+                peer.as_str()
+            )
+        } else if stuck.is_empty() {
             format!(
                 "no request is stuck, none in an outbound call to {}",
                 peer.as_str()
@@ -233,6 +272,7 @@ fn outbound_hypothesis(
             )
         },
     ));
+    ev.extend(note);
     let calls = closed_by_peer.get(peer.as_str());
     if let Some(slow) = calls.map(|c| &c.slow).filter(|s| !s.is_empty()) {
         let context = std::mem::take(&mut ev);
@@ -827,16 +867,25 @@ fn runtime_hypothesis(
             i64::try_from(cx.config.lock_wait_threshold.as_nanos()).unwrap_or(i64::MAX),
         );
         let stale = lw.snapshot_ns.is_some_and(|t| t < due);
+        // Every open request runs in some task: a console view with fewer
+        // live tasks than stuck requests is not watching this process.
+        let blind = lw.live_tasks < handler.len();
         if lw.console_snapshots > 0
             && outbound == 0
             && c.verdict != Verdict::Confirmed
             && e.verdict != Verdict::Confirmed
-            && (lw.waits_below_threshold > 0 || stale)
+            && (lw.waits_below_threshold > 0 || stale || blind)
         {
             cite_stuck(&handler, "stuck_handler", &mut ev);
             ev.push(Evidence::new(
                 "missing_data",
-                if stale {
+                if blind {
+                    format!(
+                        "{} requests are idle inside the handler, but the newest tokio-console snapshot shows only {} live tasks: the console recording does not cover these requests",
+                        handler.len(),
+                        lw.live_tasks
+                    )
+                } else if stale {
                     format!(
                         "{} requests are idle inside the handler, but the newest tokio-console snapshot was taken before their waits could pass {} ms: too early to tell an async lock cycle from another wait",
                         handler.len(),
