@@ -391,6 +391,10 @@ impl Recorder {
                             tracing::info!(console = %self.config.target, "Recording tokio-console updates.");
                         }
                         self.counters.updates.fetch_add(1, Ordering::Relaxed);
+                        if state.would_displace(&update) {
+                            // Store a completed task before a new one takes its id.
+                            self.snapshot(&mut state).await;
+                        }
                         state.apply(update);
                         stale_reported = false;
                     }

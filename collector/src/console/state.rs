@@ -164,6 +164,28 @@ impl ConsoleState {
         self.forget_stored_completions();
     }
 
+    /// True when `update` announces a new task under the id of a completed
+    /// task not stored yet (span ids are reused). Take a snapshot before
+    /// applying it, or that completion would be lost. The same task announced
+    /// again carries the same drop time in the update's stats and is not a
+    /// reuse.
+    pub(crate) fn would_displace(&self, update: &proto::instrument::Update) -> bool {
+        let Some(tasks) = &update.task_update else {
+            return false;
+        };
+        tasks.new_tasks.iter().filter_map(|t| t.id).any(|id| {
+            let Some(old) = self.tasks.get(&id.id) else {
+                return false;
+            };
+            let announced_drop = tasks
+                .stats_update
+                .get(&id.id)
+                .and_then(|st| st.dropped_at)
+                .and_then(ts_ns);
+            old.stats.dropped_ns.is_some() && announced_drop != old.stats.dropped_ns
+        })
+    }
+
     fn apply_tasks(&mut self, update: proto::tasks::TaskUpdate) {
         self.dropped_events += update.dropped_events;
         for task in update.new_tasks {
@@ -1056,5 +1078,133 @@ mod tests {
             column: Some(5),
         };
         assert_eq!(format_location(loc), "src/main.rs:10:5");
+    }
+
+    mod model {
+        //! Property: whatever the subscriber announces (including repeats of
+        //! what it retains), a completed task is stored exactly once, a live
+        //! task is in every snapshot, and the state holds live tasks only.
+
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeMap as Map;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Spawn(u64),
+            Complete(u64),
+            /// The subscriber announces everything it retains again.
+            Resend,
+            Snapshot,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => (1u64..6).prop_map(Op::Spawn),
+                2 => (1u64..6).prop_map(Op::Complete),
+                1 => Just(Op::Resend),
+                2 => Just(Op::Snapshot),
+            ]
+        }
+
+        /// One incarnation of an id: spawned at, completed at (seconds).
+        #[derive(Debug, Clone, Copy)]
+        struct Life {
+            spawned: i64,
+            done: Option<i64>,
+        }
+
+        fn st(life: Life) -> St {
+            St {
+                polls: 1,
+                started: Some(life.spawned),
+                ended: Some(life.spawned),
+                clones: 1,
+                dropped: life.done,
+                ..St::default()
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn completed_tasks_are_stored_once_and_state_stays_live(ops in proptest::collection::vec(op(), 1..50)) {
+                let mut state = ConsoleState::default();
+                let mut first = true;
+                // The subscriber's retained tasks: id -> incarnations.
+                let mut retained: Map<u64, Vec<Life>> = Map::new();
+                // Completions stored, keyed by (id, completion second).
+                let mut stored: Map<(u64, i64), usize> = Map::new();
+                let mut completed: Vec<(u64, i64)> = Vec::new();
+                for (step, op) in ops.into_iter().enumerate() {
+                    let now = step as i64 + 1;
+                    let (news, stats): (Vec<_>, Vec<_>) = match op {
+                        Op::Spawn(id) => {
+                            let lives = retained.entry(id).or_default();
+                            if lives.last().is_some_and(|l| l.done.is_none()) {
+                                continue;
+                            }
+                            let life = Life { spawned: now, done: None };
+                            lives.push(life);
+                            (vec![new_task(id, &format!("t{id}"), "task")], vec![(id, st(life))])
+                        }
+                        Op::Complete(id) => {
+                            let Some(life) = retained.get_mut(&id).and_then(|l| l.last_mut()) else { continue };
+                            if life.done.is_some() {
+                                continue;
+                            }
+                            life.done = Some(now);
+                            completed.push((id, now));
+                            (vec![], vec![(id, st(*life))])
+                        }
+                        Op::Resend => retained
+                            .iter()
+                            .filter_map(|(&id, lives)| lives.last().map(|&l| (id, l)))
+                            .map(|(id, l)| (new_task(id, &format!("t{id}"), "task"), (id, st(l))))
+                            .unzip(),
+                        Op::Snapshot => {
+                            let Some(snap) = state.take_snapshot(&lints()) else { continue };
+                            let live: Vec<u64> = retained
+                                .iter()
+                                .filter(|(_, l)| l.last().is_some_and(|l| l.done.is_none()))
+                                .map(|(&id, _)| id)
+                                .collect();
+                            for id in &live {
+                                let row = snap.tasks.iter().find(|t| t.task_id == *id as i64);
+                                prop_assert!(row.is_some_and(|r| r.state != "completed"), "live t{} missing: {:?}", id, snap);
+                            }
+                            for row in snap.tasks.iter().filter(|t| t.state == "completed") {
+                                let done = (row.last_poll_ended_ns.unwrap() - T0) / S;
+                                let life = retained[&(row.task_id as u64)].iter().find(|l| l.spawned == done).unwrap();
+                                *stored.entry((row.task_id as u64, life.done.unwrap())).or_default() += 1;
+                            }
+                            prop_assert_eq!(state.len(), live.len());
+                            continue;
+                        }
+                    };
+                    let u = update(now, std::mem::take(&mut first), news, stats);
+                    if state.would_displace(&u) {
+                        let snap = state.take_snapshot(&lints()).unwrap();
+                        for row in snap.tasks.iter().filter(|t| t.state == "completed") {
+                            let done = (row.last_poll_ended_ns.unwrap() - T0) / S;
+                            let life = retained[&(row.task_id as u64)].iter().find(|l| l.spawned == done).unwrap();
+                            *stored.entry((row.task_id as u64, life.done.unwrap())).or_default() += 1;
+                        }
+                    }
+                    state.apply(u);
+                }
+                // One last snapshot stores what completed since the previous one.
+                if let Some(snap) = state.take_snapshot(&lints()) {
+                    for row in snap.tasks.iter().filter(|t| t.state == "completed") {
+                        let done = (row.last_poll_ended_ns.unwrap() - T0) / S;
+                        let life = retained[&(row.task_id as u64)].iter().find(|l| l.spawned == done).unwrap();
+                        *stored.entry((row.task_id as u64, life.done.unwrap())).or_default() += 1;
+                    }
+                }
+                for c in &completed {
+                    prop_assert_eq!(stored.get(c).copied().unwrap_or(0), 1, "completion {:?}: {:?}", c, stored);
+                }
+                prop_assert_eq!(stored.len(), completed.len());
+            }
+        }
     }
 }
