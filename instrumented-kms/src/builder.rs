@@ -517,8 +517,11 @@ impl Builder {
     /// [`InitError::InvalidConfig`]), a console address that cannot be bound,
     /// or a thread the OS refused to start.
     pub fn build(self) -> Result<(DiagLayer, DiagGuard), InitError> {
-        let settings = self.settings()?;
-        crate::guard::start(settings)
+        let (layer, guard) = crate::guard::start(self.settings()?)?;
+        // The log line of `kms.startup` appears only once the host installs
+        // the layer; the exported event is queued now.
+        guard.announce();
+        Ok((layer, guard))
     }
 
     /// Builds everything and installs it as the global default subscriber.
@@ -530,7 +533,7 @@ impl Builder {
     /// As [`build`](Self::build), plus [`InitError::AlreadyInitialized`] when
     /// a global subscriber exists already.
     pub fn init(self) -> Result<DiagGuard, InitError> {
-        let (layer, guard) = self.build()?;
+        let (layer, guard) = crate::guard::start(self.settings()?)?;
         tracing_subscriber::registry()
             .with(layer)
             .try_init()
