@@ -303,6 +303,85 @@ async fn stop_ends_a_loop_that_would_run_forever() {
     assert!(sink.0.lock().unwrap().is_empty());
 }
 
+/// The two signatures the probe tells apart, from a real TLS+HTTP server:
+/// a runtime that stopped polling (TCP still connects from the kernel
+/// backlog, the handshake never completes) is `tls`; a handler stuck on
+/// something while the runtime serves connections is `timeout`.
+#[tokio::test]
+async fn a_stalled_runtime_is_tls_and_a_stuck_handler_is_timeout() {
+    // Stuck handler: the server's runtime is healthy, its handler never returns.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://{}/prpc/KMS.GetMeta",
+        listener.local_addr().unwrap()
+    );
+    let acceptor = tls_acceptor();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = service_fn(|_req: Request<hyper::body::Incoming>| async {
+                    std::future::pending::<Result<Response<Full<Bytes>>, hyper::Error>>().await
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let (attempts, _) = probe_n(&url, 1).await;
+    expect_one(&attempts, ProbeOutcome::Timeout, None);
+
+    // Stalled runtime: the server's only worker thread is blocked.
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let url = format!(
+        "https://{}/prpc/KMS.GetMeta",
+        std_listener.local_addr().unwrap()
+    );
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (blocked_tx, blocked_rx) = std::sync::mpsc::channel();
+    let released = Arc::clone(&release);
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::from_std(std_listener).unwrap();
+            let acceptor = tls_acceptor();
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move { acceptor.accept(tcp).await.map(drop) });
+                }
+            });
+            // Block the runtime's only thread inside a poll.
+            blocked_tx.send(()).unwrap();
+            while !released.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+    });
+    blocked_rx.recv().unwrap();
+    let (attempts, _) = probe_n(&url, 1).await;
+    release.store(true, Ordering::SeqCst);
+    server.join().unwrap();
+    expect_one(&attempts, ProbeOutcome::Tls, None);
+    assert!(
+        attempts[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("TCP connected"),
+        "{attempts:?}"
+    );
+}
+
 #[tokio::test]
 async fn attempts_are_stored_in_a_real_sqlite_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -234,7 +234,7 @@ impl Counters {
     }
 }
 
-/// A running console recorder, from [`spawn`].
+/// A running console recorder, from [`spawn`]. Dropping the handle stops it.
 #[derive(Debug)]
 pub struct ConsoleHandle {
     stop: watch::Sender<bool>,

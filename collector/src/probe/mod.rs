@@ -193,7 +193,7 @@ impl ProbeConfig {
     }
 }
 
-/// A running probe loop, from [`spawn`].
+/// A running probe loop, from [`spawn`]. Dropping the handle stops the loop.
 #[derive(Debug)]
 pub struct ProbeHandle {
     stop: watch::Sender<bool>,
