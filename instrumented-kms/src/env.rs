@@ -5,7 +5,7 @@
 //! [`Builder`](crate::Builder) > our variable (`KMS_DIAG_*`) > the standard
 //! one (`OTEL_*`, `RUST_LOG`, `TOKIO_CONSOLE_*`) where there is one > the
 //! default (a `pub const` on [`Builder`](crate::Builder)). A value that does
-//! not parse is an [`InitError::InvalidEnv`](crate::InitError::InvalidEnv)
+//! not parse is an [`crate::InitError::InvalidEnv`]
 //! naming the variable and the accepted form; an empty value counts as unset.
 
 use std::net::SocketAddr;
