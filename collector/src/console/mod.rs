@@ -435,10 +435,14 @@ impl Recorder {
         let Some(snapshot) = state.take_snapshot(&self.config.lints) else {
             return;
         };
-        if state.dropped_events() > 0 {
-            tracing::debug!(
-                dropped = state.dropped_events(),
-                "The console reports dropped events."
+        let dropped = state.take_dropped_events();
+        if dropped > 0 {
+            // The subscriber's event buffer overflowed: some polls, wakes or
+            // spawns are missing from this snapshot.
+            tracing::warn!(
+                console = %self.config.target,
+                dropped,
+                "The console dropped events; this snapshot may be incomplete."
             );
         }
         let sink = Arc::clone(&self.sink);

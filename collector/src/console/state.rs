@@ -91,7 +91,8 @@ pub(crate) struct ConsoleState {
     now_ns: Option<i64>,
     /// Updates applied since the last snapshot.
     fresh_updates: u64,
-    /// Events the remote could not record (its buffer was full), summed.
+    /// Events the remote could not record (its buffer was full), summed
+    /// since the last [`Self::take_dropped_events`].
     dropped_events: u64,
     /// Completed entities already stored, in case the remote announces them
     /// again (see [`Tombstones`]).
@@ -243,6 +244,7 @@ impl ConsoleState {
     }
 
     fn apply_resources(&mut self, update: proto::resources::ResourceUpdate) {
+        self.dropped_events += update.dropped_events;
         for r in update.new_resources {
             let Some(id) = r.id.map(|i| i.id) else {
                 continue;
@@ -281,6 +283,7 @@ impl ConsoleState {
     }
 
     fn apply_async_ops(&mut self, update: proto::async_ops::AsyncOpUpdate) {
+        self.dropped_events += update.dropped_events;
         for op in update.new_async_ops {
             let Some(id) = op.id.map(|i| i.id) else {
                 continue;
@@ -331,9 +334,9 @@ impl ConsoleState {
         self.fresh_updates > 0 && self.now_ns.is_some()
     }
 
-    /// Events the remote reported it could not record, since connecting.
-    pub(crate) fn dropped_events(&self) -> u64 {
-        self.dropped_events
+    /// Events the remote reported it could not record since the last call.
+    pub(crate) fn take_dropped_events(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped_events)
     }
 
     /// Live (not yet pruned) tasks, resources and async ops.
