@@ -55,6 +55,20 @@ pub struct LockWait {
     pub waited_ms: i64,
 }
 
+/// A lock held across the threshold.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HeldLock {
+    /// Console resource id.
+    pub resource_id: i64,
+    /// `Mutex`, `RwLock`, `Semaphore`.
+    pub resource_type: String,
+    /// Where it was created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Held at least since this snapshot.
+    pub held_since_ns: i64,
+}
+
 /// What the lock-wait pass found.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct LockWaitFindings {
@@ -72,6 +86,13 @@ pub struct LockWaitFindings {
     /// Why, or why not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cycle_reason: Option<String>,
+    /// Locks held both in the judged snapshot and in the newest snapshot at
+    /// least the threshold earlier (one per lock; internal semaphores count
+    /// as their parent lock).
+    pub held_locks: Vec<HeldLock>,
+    /// Idle tasks with a live waker (registered on something that may wake
+    /// them) in the judged snapshot.
+    pub idle_tasks_with_wakers: usize,
     /// Live (not completed) tasks in the judged snapshot.
     pub live_tasks: usize,
     /// Tasks waiting on a held lock for less than the threshold so far.
@@ -103,6 +124,36 @@ fn lock_rank(r: &ConsoleResourceRow) -> Option<u8> {
         return None;
     };
     Some(if internal { rank - 1 } else { rank })
+}
+
+/// Locks held in a snapshot (`locked`, or no permits left), internal
+/// semaphores folded into their parent lock.
+fn held_lock_ids(resources: &[ConsoleResourceRow]) -> BTreeSet<i64> {
+    let by_id: BTreeMap<i64, &ConsoleResourceRow> =
+        resources.iter().map(|r| (r.resource_id, r)).collect();
+    resources
+        .iter()
+        .filter(|r| lock_rank(r).is_some())
+        .filter(|r| {
+            bool_of(&r.attributes, "locked")
+                .or_else(|| i64_of(&r.attributes, "permits").map(|p| p == 0))
+                == Some(true)
+        })
+        .map(|r| {
+            let mut id = r.resource_id;
+            for _ in 0..8 {
+                match by_id
+                    .get(&id)
+                    .and_then(|r| i64_of(&r.attributes, "parent_resource_id"))
+                    .filter(|p| by_id.get(p).is_some_and(|p| lock_rank(p).is_some()))
+                {
+                    Some(p) => id = p,
+                    None => break,
+                }
+            }
+            id
+        })
+        .collect()
 }
 
 impl Pass for LockWaitPass {
@@ -207,6 +258,32 @@ impl Pass for LockWaitPass {
             }
         }
         f.waits = per_task.into_values().map(|(_, w)| w).collect();
+        f.idle_tasks_with_wakers = snap
+            .tasks
+            .iter()
+            .filter(|t| t.state == "idle" && t.waker_count.unwrap_or(0) > 0)
+            .count();
+        // Locks held now and at least one threshold ago.
+        let threshold_ns = threshold_ms.saturating_mul(1_000_000);
+        let earlier = times
+            .iter()
+            .rev()
+            .find(|t| **t <= latest.saturating_sub(threshold_ns))
+            .copied();
+        if let Some(earlier) = earlier {
+            let before = cx.reader.console_snapshot(earlier)?;
+            let held_then: BTreeSet<i64> = held_lock_ids(&before.resources);
+            for id in held_lock_ids(&snap.resources).intersection(&held_then) {
+                if let Some((r, _)) = resources.get(id) {
+                    f.held_locks.push(HeldLock {
+                        resource_id: *id,
+                        resource_type: r.concrete_type.clone().unwrap_or_else(|| "lock".into()),
+                        location: r.location.clone(),
+                        held_since_ns: earlier,
+                    });
+                }
+            }
+        }
         let held_waits: Vec<&LockWait> = f.waits.iter().filter(|w| w.held != Some(false)).collect();
         let locks: BTreeSet<i64> = held_waits.iter().map(|w| w.resource_id).collect();
         let outbound_stuck = cx
@@ -215,8 +292,39 @@ impl Pass for LockWaitPass {
             .iter()
             .filter(|s| s.waits_on != WaitsOn::Handler)
             .count();
+        let handler_stuck = cx
+            .diagnosis
+            .stuck
+            .iter()
+            .filter(|s| s.waits_on == WaitsOn::Handler)
+            .count();
         (f.cycle_suspected, f.cycle_reason) = if f.waits.is_empty() {
-            (false, None)
+            // No async op recorded (the recording may miss them): the locks
+            // themselves still tell. Two locks held across the threshold,
+            // requests idle in the handler, tasks idle with wakers and no
+            // request in I/O is what two handlers waiting on each other leave.
+            if f.held_locks.len() >= 2
+                && handler_stuck >= 2
+                && f.idle_tasks_with_wakers >= 2
+                && outbound_stuck == 0
+            {
+                (
+                    true,
+                    Some(format!(
+                        "{} locks held for over {} ms ({}) while {handler_stuck} requests are idle in the handler, {} tasks idle with wakers and no request is in an outbound call: the holders wait on each other (tokio-console recorded no async op naming the waiters)",
+                        f.held_locks.len(),
+                        threshold_ms,
+                        f.held_locks
+                            .iter()
+                            .map(|l| format!("{} {}", l.resource_type, l.resource_id))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        f.idle_tasks_with_wakers
+                    )),
+                )
+            } else {
+                (false, None)
+            }
         } else if locks.len() < 2 || held_waits.len() < 2 {
             (
                 false,

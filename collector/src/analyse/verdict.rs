@@ -748,6 +748,24 @@ fn runtime_hypothesis(
                 .at(lw.snapshot_ns.unwrap_or(0)),
             );
         }
+        for l in lw.held_locks.iter().filter(|_| lw.waits.is_empty()) {
+            ev.push(
+                Evidence::new(
+                    "lock_held",
+                    format!(
+                        "{} {}{} held since at least {} and still held",
+                        l.resource_type,
+                        l.resource_id,
+                        l.location
+                            .as_deref()
+                            .map(|x| format!(" created at {x}"))
+                            .unwrap_or_default(),
+                        fmt_time(l.held_since_ns)
+                    ),
+                )
+                .at(l.held_since_ns),
+            );
+        }
         ev.push(Evidence::new(
             "lock_cycle",
             lw.cycle_reason.clone().unwrap_or_default(),
@@ -759,23 +777,31 @@ fn runtime_hypothesis(
             .collect();
         cite_stuck(&handler, "stuck_handler", &mut ev);
         if culprit.is_none() {
-            let locks: Vec<String> = lw
-                .waits
-                .iter()
-                .map(|w| {
-                    format!(
-                        "{} {}{}",
-                        w.resource_type,
-                        w.resource_id,
-                        w.resource_location
-                            .as_deref()
-                            .map(|l| format!(" ({l})"))
-                            .unwrap_or_default()
-                    )
-                })
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            let named = |t: &str, id: i64, loc: Option<&str>| {
+                format!(
+                    "{t} {id}{}",
+                    loc.map(|l| format!(" ({l})")).unwrap_or_default()
+                )
+            };
+            let locks: Vec<String> = if lw.waits.is_empty() {
+                lw.held_locks
+                    .iter()
+                    .map(|l| named(&l.resource_type, l.resource_id, l.location.as_deref()))
+                    .collect()
+            } else {
+                lw.waits
+                    .iter()
+                    .map(|w| {
+                        named(
+                            &w.resource_type,
+                            w.resource_id,
+                            w.resource_location.as_deref(),
+                        )
+                    })
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect()
+            };
             culprit = Some(format!("async lock cycle: {}", locks.join(" <-> ")));
         }
     }
