@@ -116,7 +116,7 @@ where
     use tracing::Instrument;
     let span = request_span(request);
     let rpc_method = monitored_method(request);
-    let dispatch = dispatch.instrument(span.clone());
+    let dispatch = Box::pin(dispatch).instrument(span.clone());
     let response = instrumented_kms::monitor_rpc(rpc_method, dispatch).await;
     instrumented_kms::record_status(&span, response);
     response
@@ -198,5 +198,5 @@ where
     if let Some((method, url)) = http {
         span = span.http(method, url);
     }
-    instrumented_kms::outbound_result(span, fut).await
+    instrumented_kms::outbound_result(span, Box::pin(fut)).await
 }
