@@ -59,6 +59,15 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// An operating-system call failed while doing `op`.
+    #[error("{op}: {source}")]
+    Io {
+        /// What the store was doing.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The database file was made by a newer collector.
     #[error("database schema version {found} is newer than this collector's {supported}")]
     SchemaTooNew {
