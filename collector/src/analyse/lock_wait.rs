@@ -303,15 +303,15 @@ impl Pass for LockWaitPass {
             // themselves still tell. Two locks held across the threshold,
             // requests idle in the handler, tasks idle with wakers and no
             // request in I/O is what two handlers waiting on each other leave.
-            if f.held_locks.len() >= 2
-                && handler_stuck >= 2
-                && f.idle_tasks_with_wakers >= 2
-                && outbound_stuck == 0
-            {
+            // The task view supports it when it sees the tasks; when it
+            // shows fewer live tasks than stuck requests it is not watching
+            // them, and the idle request spans stand in for it.
+            let tasks_agree = f.idle_tasks_with_wakers >= 2 || f.live_tasks < handler_stuck;
+            if f.held_locks.len() >= 2 && handler_stuck >= 2 && tasks_agree && outbound_stuck == 0 {
                 (
                     true,
                     Some(format!(
-                        "{} locks held for over {} ms ({}) while {handler_stuck} requests are idle in the handler, {} tasks idle with wakers and no request is in an outbound call: the holders wait on each other (tokio-console recorded no async op naming the waiters)",
+                        "{} locks held for over {} ms ({}) while {handler_stuck} requests are idle in the handler ({} console tasks idle with wakers) and no request is in an outbound call: the holders wait on each other (tokio-console recorded no async op naming the waiters)",
                         f.held_locks.len(),
                         threshold_ms,
                         f.held_locks
