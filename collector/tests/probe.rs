@@ -149,9 +149,14 @@ where
 
 /// A TLS acceptor with a fresh self-signed certificate, like the KMS's RA-TLS one.
 fn tls_acceptor() -> TlsAcceptor {
+    tls_acceptor_with_alpn(vec![])
+}
+
+/// Like [`tls_acceptor`], choosing among these ALPN protocols (Rocket offers h2).
+fn tls_acceptor_with_alpn(alpn: Vec<Vec<u8>>) -> TlsAcceptor {
     let cert = rcgen::generate_simple_self_signed(vec!["kms.local".to_owned()]).unwrap();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
@@ -159,6 +164,7 @@ fn tls_acceptor() -> TlsAcceptor {
     .with_no_client_auth()
     .with_single_cert(vec![cert.cert.der().clone()], key)
     .unwrap();
+    config.alpn_protocols = alpn;
     TlsAcceptor::from(Arc::new(config))
 }
 
@@ -380,6 +386,96 @@ async fn a_stalled_runtime_is_tls_and_a_stuck_handler_is_timeout() {
             .contains("TCP connected"),
         "{attempts:?}"
     );
+}
+
+/// An h2-capable TLS server (like Rocket's). Its handler answers 200, or
+/// never answers when `stuck`; `cancelled` counts handlers dropped unfinished.
+async fn h2_server(stuck: bool) -> (String, Arc<Mutex<Vec<hyper::Version>>>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://{}/prpc/KMS.GetMeta",
+        listener.local_addr().unwrap()
+    );
+    let acceptor = tls_acceptor_with_alpn(vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+    let versions = Arc::new(Mutex::new(Vec::new()));
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let (v, c) = (Arc::clone(&versions), Arc::clone(&cancelled));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            let (versions, cancelled) = (Arc::clone(&v), Arc::clone(&c));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    versions.lock().unwrap().push(req.version());
+                    let guard = CountOnDrop(Arc::clone(&cancelled));
+                    async move {
+                        if stuck {
+                            std::future::pending::<()>().await;
+                        }
+                        std::mem::forget(guard);
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+                    }
+                });
+                let io = TokioIo::new(tls);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(io, service)
+                    .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                }
+            });
+        }
+    });
+    (url, versions, cancelled)
+}
+
+/// Counts when dropped.
+struct CountOnDrop(Arc<AtomicUsize>);
+
+impl Drop for CountOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn http2_is_used_when_the_server_offers_it_and_http1_on_request() {
+    let (url, versions, _) = h2_server(false).await;
+    let (attempts, _) = probe_n(&url, 1).await;
+    expect_one(&attempts, ProbeOutcome::Ok, Some(200));
+    assert_eq!(*versions.lock().unwrap(), [hyper::Version::HTTP_2]);
+
+    let sink = Arc::new(MemorySink::default());
+    let config = ProbeConfig::new(url)
+        .timeout(LIMIT)
+        .count(Some(1))
+        .http1_only(true);
+    probe::spawn(config, sink.clone()).unwrap().wait().await;
+    expect_one(&sink.0.lock().unwrap(), ProbeOutcome::Ok, Some(200));
+    assert_eq!(
+        *versions.lock().unwrap(),
+        [hyper::Version::HTTP_2, hyper::Version::HTTP_11]
+    );
+}
+
+#[tokio::test]
+async fn over_http2_a_timed_out_attempt_cancels_the_stuck_handler() {
+    let (url, versions, cancelled) = h2_server(true).await;
+    let (attempts, _) = probe_n(&url, 1).await;
+    expect_one(&attempts, ProbeOutcome::Timeout, None);
+    assert_eq!(*versions.lock().unwrap(), [hyper::Version::HTTP_2]);
+    // The probe closed its connection; the server dropped the handler.
+    wait_for(|| cancelled.load(Ordering::SeqCst) == 1).await;
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
 use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -125,10 +125,12 @@ impl Prober {
     async fn run_phases(&self) -> Result<u16, Failure> {
         let tcp = self.connect().await?;
         match &self.tls {
-            None => self.request(tcp).await,
+            None => self.request(tcp, false).await,
             Some(connector) => {
                 let tls = self.handshake(connector, tcp).await?;
-                self.request(tls).await
+                // HTTP/2 when the server chose it in ALPN.
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                self.request(tls, h2).await
             }
         }
     }
@@ -188,9 +190,9 @@ impl Prober {
         }
     }
 
-    /// Sends the request on `io` and reads the whole answer, all within the
-    /// request timeout.
-    async fn request<S>(&self, io: S) -> Result<u16, Failure>
+    /// Sends the request on `io` (HTTP/2 if `h2`, else HTTP/1.1) and reads
+    /// the whole answer, all within the request timeout.
+    async fn request<S>(&self, io: S, h2: bool) -> Result<u16, Failure>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -208,18 +210,31 @@ impl Prober {
                 }
             ),
         };
+        let setup_failed =
+            |e: hyper::Error| Failure::new(ProbeOutcome::Other, format!("HTTP setup: {e}"));
+        let request_failed =
+            |e: hyper::Error| Failure::new(ProbeOutcome::Other, format!("HTTP request: {e}"));
         let exchange = async {
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-                .await
-                .map_err(|e| Failure::new(ProbeOutcome::Other, format!("HTTP setup: {e}")))?;
             // The connection is driven beside the request and dropped (socket
-            // closed) when the attempt ends, whatever happened.
-            let driver = AbortOnDrop(tokio::spawn(conn));
-            let request = self.build_request()?;
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| Failure::new(ProbeOutcome::Other, format!("HTTP request: {e}")))?;
+            // closed) when the attempt ends, whatever happened. Over HTTP/2
+            // that cancels the server's handler; over HTTP/1.1 upstream's
+            // server keeps it running (see docs/probe-and-console.md).
+            let request = self.build_request(h2)?;
+            let (response, driver) = if h2 {
+                let (mut sender, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                        .await
+                        .map_err(setup_failed)?;
+                let driver = AbortOnDrop(tokio::spawn(conn));
+                (sender.send_request(request).await, driver)
+            } else {
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                    .await
+                    .map_err(setup_failed)?;
+                let driver = AbortOnDrop(tokio::spawn(conn));
+                (sender.send_request(request).await, driver)
+            };
+            let response = response.map_err(request_failed)?;
             let status = response.status().as_u16();
             let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
                 .collect()
@@ -251,11 +266,20 @@ impl Prober {
         }
     }
 
-    fn build_request(&self) -> Result<Request<Full<Bytes>>, Failure> {
-        Request::builder()
+    fn build_request(&self, h2: bool) -> Result<Request<Full<Bytes>>, Failure> {
+        let builder = if h2 {
+            // HTTP/2 takes scheme and authority from the URI (`:authority`).
+            Request::builder().uri(format!(
+                "https://{}{}",
+                self.target.authority, self.target.path_and_query
+            ))
+        } else {
+            Request::builder()
+                .uri(self.target.path_and_query.as_str())
+                .header(HOST, self.target.authority.as_str())
+        };
+        builder
             .method(Method::POST)
-            .uri(self.target.path_and_query.as_str())
-            .header(HOST, self.target.authority.as_str())
             .header(CONTENT_TYPE, "application/json")
             .header(CONTENT_LENGTH, BODY.len())
             .header(

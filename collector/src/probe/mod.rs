@@ -108,6 +108,7 @@ pub struct ProbeConfig {
     timeouts: Timeouts,
     count: Option<u64>,
     status: StatusOutput,
+    http1_only: bool,
 }
 
 impl Default for ProbeConfig {
@@ -136,6 +137,7 @@ impl ProbeConfig {
             },
             count: None,
             status: StatusOutput::default(),
+            http1_only: false,
         }
     }
 
@@ -186,6 +188,18 @@ impl ProbeConfig {
         self
     }
 
+    /// Offer only HTTP/1.1 in the TLS handshake (default `false`: offer
+    /// `h2` first and use what the server picks).
+    ///
+    /// Over HTTP/2 a timed-out attempt cancels the KMS's handler when the
+    /// probe closes the connection. Over HTTP/1.1 upstream's server lets the
+    /// handler run on and keeps the socket in CLOSE-WAIT, one per timed-out
+    /// attempt: the probe then adds to the fd count it may be asked to judge.
+    pub fn http1_only(mut self, http1_only: bool) -> Self {
+        self.http1_only = http1_only;
+        self
+    }
+
     /// Where each attempt's status line goes (default [`StatusOutput::Tracing`]).
     pub fn status_output(mut self, status: StatusOutput) -> Self {
         self.status = status;
@@ -227,7 +241,11 @@ impl ProbeHandle {
 /// when the TLS configuration can't be built. Nothing runs then.
 pub fn spawn(config: ProbeConfig, sink: Arc<dyn ProbeSink>) -> Result<ProbeHandle, ProbeError> {
     let target = Target::parse(&config.target)?;
-    let prober = Prober::new(target, tls::client_config()?, config.timeouts);
+    let prober = Prober::new(
+        target,
+        tls::client_config(config.http1_only)?,
+        config.timeouts,
+    );
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(run_loop(prober, config, sink, stopped));
     Ok(ProbeHandle { stop, task })
@@ -326,6 +344,10 @@ pub struct ProbeArgs {
     /// Stop after this many attempts (default: until interrupted).
     #[arg(long)]
     pub count: Option<u64>,
+    /// Offer only HTTP/1.1 (default: HTTP/2 when the server offers it). Over
+    /// HTTP/1.1 each timed-out attempt leaves a CLOSE-WAIT socket in the KMS.
+    #[arg(long)]
+    pub http1: bool,
 }
 
 /// Runs `kms-collector probe`: polls until interrupted (or `--count`
@@ -339,6 +361,7 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
         .interval(args.interval)
         .timeout(args.timeout)
         .count(args.count)
+        .http1_only(args.http1)
         .status_output(StatusOutput::Stdout);
     println!(
         "Probing {} every {} (timeout {} per phase; any server certificate accepted), storing in {}.",

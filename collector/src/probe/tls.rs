@@ -14,8 +14,9 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 /// Builds the client configuration used by every HTTPS attempt: any server
-/// certificate, ALPN `http/1.1`, no client certificate.
-pub(crate) fn client_config() -> Result<Arc<ClientConfig>, rustls::Error> {
+/// certificate, no client certificate, ALPN `h2` then `http/1.1` (only
+/// `http/1.1` when `http1_only`).
+pub(crate) fn client_config(http1_only: bool) -> Result<Arc<ClientConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(AcceptAnyServerCert {
         algorithms: provider.signature_verification_algorithms,
@@ -25,7 +26,11 @@ pub(crate) fn client_config() -> Result<Arc<ClientConfig>, rustls::Error> {
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if http1_only {
+        vec![b"http/1.1".to_vec()]
+    } else {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    };
     Ok(Arc::new(config))
 }
 
