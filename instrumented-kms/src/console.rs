@@ -89,7 +89,7 @@ pub(crate) fn start(
 /// spans and events.
 fn console_filter(meta: &tracing::Metadata<'_>) -> bool {
     if meta.is_event() {
-        return meta.target().starts_with("runtime") || meta.target().starts_with("tokio");
+        return meta.target().starts_with("runtime::") || meta.target().starts_with("tokio");
     }
     meta.name().starts_with("runtime.") || meta.target().starts_with("tokio")
 }

@@ -232,7 +232,9 @@ impl Drop for DiagGuard {
 /// transport crates (which would otherwise trace our own export).
 const UNTRACKED_TARGETS: &[&str] = &[
     "tokio",
-    "runtime",
+    // tokio's resource and async-op spans; not a bare "runtime", which would
+    // also match an application module such as `runtime_diagnostics`.
+    "runtime::resource",
     "h2",
     "hyper",
     "hyper_util",
@@ -401,4 +403,20 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
 
     let layer: DiagLayer = Box::new(layers);
     Ok((layer, guard))
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    use super::span_filter;
+
+    #[test]
+    fn span_filter_skips_tokio_resources_but_not_app_modules_named_runtime() {
+        let filter = span_filter();
+        assert!(!filter.would_enable("runtime::resource::async_op", &Level::INFO));
+        assert!(!filter.would_enable("tokio::task", &Level::INFO));
+        assert!(filter.would_enable("runtime_diagnostics", &Level::INFO));
+        assert!(filter.would_enable("dstack_kms::main_service", &Level::INFO));
+    }
 }
