@@ -20,8 +20,9 @@
 //!   With `--attest-clients` every request first verifies its client's quote
 //!   against PCCS, as upstream does for RA-TLS clients before dispatch (the
 //!   lab turns it on: the GetMeta poller stands for an attested client);
-//! - in-process fake auth webhook and PCCS ([`twin::peers`]) on their own
-//!   thread and runtime, answering normally until faulted;
+//! - fake auth webhook and PCCS ([`twin::peers`]) in their own process (the
+//!   twin's binary again), answering normally until faulted: like the real
+//!   services, they keep their own fds when the twin runs out;
 //! - an admin endpoint ([`twin::admin`], plain HTTP, own thread):
 //!   `POST /fault/{name}` injects a fault at run time, `GET /state` reports
 //!   counters; `--fault NAME --fault-after 30s` does the same on a timer.

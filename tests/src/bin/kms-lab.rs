@@ -40,7 +40,7 @@ enum Command {
     /// Every fault, then a table of verdicts; exits non-zero if any row is wrong.
     Matrix {
         /// Runs at the same time (each is a collector, a twin and its load).
-        #[arg(long, default_value_t = 2, env = "KMS_LAB_JOBS")]
+        #[arg(long, default_value_t = 4, env = "KMS_LAB_JOBS")]
         jobs: usize,
         /// Keep one directory per fault there.
         #[arg(long)]

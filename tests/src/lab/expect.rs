@@ -13,7 +13,8 @@ use crate::fault::Fault;
 /// The hypotheses, in report order.
 pub const LETTERS: [&str; 5] = ["A", "B", "C", "D", "E"];
 
-/// What a fault should produce.
+/// What a fault should produce. Any hypothesis confirmed besides the
+/// expected one makes the row wrong: an operator would chase it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expected {
     /// The hypothesis that must be confirmed (`None`: none may be).
@@ -90,6 +91,10 @@ pub fn culprit(report: &Value, letter: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+fn culprit_of(report: &Value, letter: &str) -> String {
+    culprit(report, letter).unwrap_or_else(|| "no culprit named".into())
+}
+
 /// Whether the report says GetMeta was failing (a failure window, or probe
 /// failures).
 pub fn hang_seen(report: &Value) -> bool {
@@ -138,6 +143,12 @@ pub fn judge(fault: Fault, report: &Value) -> Judgement {
             }
             if !hang {
                 problems.push("the report has no failure window (GetMeta never failed)".into());
+            }
+            for other in other_confirmed.iter().filter(|l| l.as_str() != "D") {
+                problems.push(format!(
+                    "{other} is confirmed too ({}), but this fault is {letter}",
+                    culprit_of(report, other)
+                ));
             }
         }
     }
@@ -209,6 +220,25 @@ mod tests {
         assert!(!j.ok());
         assert_eq!(j.other_confirmed, vec!["D"]);
         assert!(j.problems[0].contains("D is confirmed"), "{:?}", j.problems);
+
+        let also_a = report(
+            [
+                "confirmed",
+                "confirmed",
+                "ruled_out",
+                "ruled_out",
+                "ruled_out",
+            ],
+            "auth_webhook",
+            true,
+        );
+        let j = judge(Fault::WebhookHang, &also_a);
+        assert!(!j.ok());
+        assert!(
+            j.problems[0].contains("A is confirmed too"),
+            "{:?}",
+            j.problems
+        );
 
         let wrong_culprit = report(
             [

@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
 use crate::fault::Fault;
+use crate::twin::peers::PeerCounts;
 use crate::twin::state::{current_rss, Kms};
 
 /// What `GET /state` answers.
@@ -51,10 +52,14 @@ pub struct TwinState {
 }
 
 impl TwinState {
-    /// The state of `kms` now.
-    pub fn of(kms: &Kms) -> TwinState {
+    /// The state of `kms` now (the fake peers' counters are 0 when they
+    /// cannot be reached).
+    pub async fn of(kms: &Kms) -> TwinState {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let peers = kms.fake_peers.as_ref();
+        let peers = match &kms.fake_peers {
+            Some(p) => p.counts().await.unwrap_or_default(),
+            None => PeerCounts::default(),
+        };
         TwinState {
             fault: kms.fault.get(),
             fault_since_ms: kms
@@ -69,19 +74,24 @@ impl TwinState {
             leaked_connections: load(&kms.counters.leaked_connections),
             blocked_workers: load(&kms.counters.blocked_workers),
             accept_errors: load(&kms.counters.accept_errors),
-            webhook_hung: peers.map_or(0, |p| load(&p.webhook.hung)),
-            pccs_hung: peers.map_or(0, |p| load(&p.pccs.hung)),
+            webhook_hung: peers.webhook_hung,
+            pccs_hung: peers.pccs_hung,
             rss_bytes: current_rss(),
         }
     }
 }
 
 /// Binds `addr` and serves the admin endpoint on a new OS thread named
-/// `twin-admin`. Returns the bound address.
+/// `twin-admin`; with `timer = Some((after, fault))` it also injects `fault`
+/// once `after` has passed. Returns the bound address.
 ///
 /// # Errors
 /// When binding or spawning fails.
-pub fn start(addr: SocketAddr, kms: Arc<Kms>) -> io::Result<SocketAddr> {
+pub fn start(
+    addr: SocketAddr,
+    kms: Arc<Kms>,
+    timer: Option<(Duration, Fault)>,
+) -> io::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
@@ -92,6 +102,13 @@ pub fn start(addr: SocketAddr, kms: Arc<Kms>) -> io::Result<SocketAddr> {
         .name("twin-admin".into())
         .spawn(move || {
             runtime.block_on(async move {
+                if let Some((after, fault)) = timer {
+                    let kms = kms.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        kms.inject(fault).await;
+                    });
+                }
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(listener) => listener,
                     Err(e) => {
@@ -127,13 +144,18 @@ async fn answer(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path();
     let (status, body) = match (req.method(), path) {
-        (&Method::GET, "/state") => (StatusCode::OK, serde_json::to_value(TwinState::of(&kms))),
+        (&Method::GET, "/state") => (
+            StatusCode::OK,
+            serde_json::to_value(TwinState::of(&kms).await),
+        ),
         (&Method::POST, _) if path.starts_with("/fault/") => {
             match path.trim_start_matches("/fault/").parse::<Fault>() {
                 Ok(fault) => {
-                    tracing::warn!(fault = fault.name(), "Fault injected.");
-                    kms.fault.set(fault);
-                    (StatusCode::OK, serde_json::to_value(TwinState::of(&kms)))
+                    kms.inject(fault).await;
+                    (
+                        StatusCode::OK,
+                        serde_json::to_value(TwinState::of(&kms).await),
+                    )
                 }
                 Err(e) => (
                     StatusCode::BAD_REQUEST,

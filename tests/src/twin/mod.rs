@@ -76,6 +76,9 @@ pub struct TwinArgs {
     /// Internal: behave as the measurement helper that never exits.
     #[arg(long, hide = true)]
     pub as_measurement_helper: bool,
+    /// Internal: be the fake auth webhook and PCCS process.
+    #[arg(long, hide = true)]
+    pub as_fake_peers: bool,
 }
 
 /// What a started twin tells whoever started it (one JSON line on stdout
@@ -125,6 +128,9 @@ pub fn run_as(args: TwinArgs, subcommand: Vec<std::ffi::OsString>) -> anyhow::Re
     if args.as_measurement_helper {
         measurement_helper();
     }
+    if args.as_fake_peers {
+        peers::serve_process(args.fault);
+    }
     let fd_limit = match args.fd_limit {
         Some(limit) => Some(set_fd_limit(limit).context("lowering RLIMIT_NOFILE")?),
         None => None,
@@ -152,14 +158,13 @@ pub fn run_as(args: TwinArgs, subcommand: Vec<std::ffi::OsString>) -> anyhow::Re
         .context("building the tokio runtime")?;
     guard.watch_runtime(runtime.handle());
 
-    let fake_peers = FakePeers::start(fault.clone()).context("starting the fake peers")?;
+    let own_binary = std::env::current_exe().context("finding the twin's own binary")?;
+    let fake_peers = FakePeers::spawn(&own_binary, &subcommand, fault.get())
+        .context("starting the fake peers")?;
+    let addrs = fake_peers.addrs;
     let peers = Peers {
-        webhook: format!(
-            "http://kms:{}@{}",
-            secrets::WEBHOOK_PASSWORD,
-            fake_peers.webhook_addr
-        ),
-        pccs: format!("http://{}", fake_peers.pccs_addr),
+        webhook: format!("http://kms:{}@{}", secrets::WEBHOOK_PASSWORD, addrs.webhook),
+        pccs: format!("http://{}", addrs.pccs),
         pccs_timeout: args.pccs_timeout,
     };
     let config = KmsConfig {
@@ -168,28 +173,20 @@ pub fn run_as(args: TwinArgs, subcommand: Vec<std::ffi::OsString>) -> anyhow::Re
         memory_limit: args.memory_limit,
         leak_per_request: args.leak_per_request,
         lock_hold: args.lock_hold,
-        measurement_helper: std::env::current_exe().context("finding the twin's own binary")?,
+        measurement_helper: own_binary,
         measurement_helper_args: subcommand,
     };
-    let kms = Arc::new(Kms::new(config, fault.clone(), Some(fake_peers.clone())));
-    let admin = admin::start(args.admin, kms.clone()).context("starting the admin endpoint")?;
-    if let Some(after) = args.fault_after {
-        let (fault, target) = (fault.clone(), args.fault);
-        std::thread::Builder::new()
-            .name("fault-timer".into())
-            .spawn(move || {
-                std::thread::sleep(after);
-                tracing::warn!(fault = target.name(), "Fault injected.");
-                fault.set(target);
-            })?;
-    }
+    let kms = Arc::new(Kms::new(config, fault.clone(), Some(fake_peers)));
+    let timer = args.fault_after.map(|after| (after, args.fault));
+    let admin =
+        admin::start(args.admin, kms.clone(), timer).context("starting the admin endpoint")?;
     let identity = tls::TlsIdentity::generate()?;
     let ready = ReadyInfo {
         pid: std::process::id(),
         kms_url: format!("https://{local}"),
         admin_url: format!("http://{admin}"),
-        webhook_addr: fake_peers.webhook_addr,
-        pccs_addr: fake_peers.pccs_addr,
+        webhook_addr: addrs.webhook,
+        pccs_addr: addrs.pccs,
         cert_pem: identity.cert_pem.clone(),
         workers: args.workers,
         fd_limit,

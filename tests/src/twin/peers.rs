@@ -1,15 +1,25 @@
-//! In-process fake peers: the auth webhook (upstream: `kms/auth-eth`, a Node
-//! service) and the PCCS (Intel's collateral cache that dcap-qvl fetches from).
+//! Fake peers: the auth webhook (upstream: `kms/auth-eth`, a Node service)
+//! and the PCCS (Intel's collateral cache that dcap-qvl fetches from).
 //!
-//! Both listen on 127.0.0.1 port 0, answer like the real services until the
-//! fault switch says otherwise, and then accept connections, read the request
-//! and never answer (the reported failure mode of both: TCP accepted, no
-//! reply). They run on their own OS thread and runtime, as separate processes
-//! would, so a fault that blocks the twin's workers does not also stop them.
+//! Both listen on 127.0.0.1 port 0, answer like the real services until
+//! faulted, and then accept connections, read the request and never answer
+//! (the reported failure mode of both: TCP accepted, no reply).
+//!
+//! They run in **their own process** (the twin's binary started with
+//! `--as-fake-peers`), as the real services do: the twin's fd limit, RSS,
+//! blocked workers and deadlocks are not theirs. (In-process fakes would run
+//! out of fds together with the twin under `fd-exhaustion`, and a PCCS that
+//! cannot accept makes the twin's quote verification hang: a stuck
+//! attestation call the real PCCS would never cause.) A third, control port
+//! takes `POST /fault/{name}` and answers `GET /counters`. The process exits
+//! when its stdin closes, i.e. when the twin is gone.
 
 use std::convert::Infallible;
-use std::io;
+use std::ffi::OsString;
+use std::io::{self, BufRead as _};
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +28,13 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::fault::{Fault, FaultSwitch};
 
 /// Request counters of one fake peer.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default)]
 pub struct PeerCounters {
     /// Requests received.
     pub requests: AtomicU64,
@@ -32,17 +42,202 @@ pub struct PeerCounters {
     pub hung: AtomicU64,
 }
 
-/// The running fake peers.
-#[derive(Debug, Clone)]
+/// What `GET /counters` on the control port answers.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct PeerCounts {
+    /// Requests the fake webhook received.
+    pub webhook_requests: u64,
+    /// Requests the fake webhook left unanswered.
+    pub webhook_hung: u64,
+    /// Requests the fake PCCS received.
+    pub pccs_requests: u64,
+    /// Requests the fake PCCS left unanswered.
+    pub pccs_hung: u64,
+}
+
+/// Where the fake peers listen (the line their process prints first).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct PeerAddrs {
+    /// The fake auth webhook.
+    pub webhook: SocketAddr,
+    /// The fake PCCS.
+    pub pccs: SocketAddr,
+    /// The control port.
+    pub control: SocketAddr,
+}
+
+/// The prefix of the address line the fake-peers process prints.
+const ADDR_PREFIX: &str = "FAKE_PEERS ";
+
+/// The fake-peers process, seen from the twin. Killed when dropped.
+#[derive(Debug)]
 pub struct FakePeers {
-    /// Where the fake auth webhook listens.
-    pub webhook_addr: SocketAddr,
-    /// Where the fake PCCS listens.
-    pub pccs_addr: SocketAddr,
-    /// Fake webhook counters.
-    pub webhook: Arc<PeerCounters>,
-    /// Fake PCCS counters.
-    pub pccs: Arc<PeerCounters>,
+    /// Where they listen.
+    pub addrs: PeerAddrs,
+    child: Child,
+    // Held open: the child exits when it closes.
+    _stdin: Option<ChildStdin>,
+    control: reqwest::Client,
+}
+
+impl Drop for FakePeers {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl FakePeers {
+    /// Starts `program [subcommand] --as-fake-peers --fault FAULT` and reads
+    /// the addresses it bound.
+    ///
+    /// # Errors
+    /// When the process cannot start or does not report its addresses.
+    pub fn spawn(program: &Path, subcommand: &[OsString], fault: Fault) -> io::Result<FakePeers> {
+        let mut child = Command::new(program)
+            .args(subcommand)
+            .arg("--as-fake-peers")
+            .arg("--fault")
+            .arg(fault.name())
+            // The fake peers are no KMS: no diagnostics of their own.
+            .env("KMS_DIAG_OTLP", "false")
+            .env("KMS_DIAG_CONSOLE", "false")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdin = child.stdin.take();
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout"))?;
+        let mut line = String::new();
+        io::BufReader::new(stdout).read_line(&mut line)?;
+        let addrs: PeerAddrs = line
+            .strip_prefix(ADDR_PREFIX)
+            .and_then(|json| serde_json::from_str(json).ok())
+            .ok_or_else(|| io::Error::other(format!("fake peers said `{}`", line.trim())))?;
+        let control = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .map_err(io::Error::other)?;
+        Ok(FakePeers {
+            addrs,
+            child,
+            _stdin: stdin,
+            control,
+        })
+    }
+
+    /// Puts `fault` in force in the fake peers.
+    ///
+    /// # Errors
+    /// When the control port does not answer.
+    pub async fn set_fault(&self, fault: Fault) -> Result<(), reqwest::Error> {
+        self.control
+            .post(format!(
+                "http://{}/fault/{}",
+                self.addrs.control,
+                fault.name()
+            ))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// The fake peers' counters.
+    ///
+    /// # Errors
+    /// When the control port does not answer.
+    pub async fn counts(&self) -> Result<PeerCounts, reqwest::Error> {
+        self.control
+            .get(format!("http://{}/counters", self.addrs.control))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await
+    }
+}
+
+/// The fake-peers process: binds the three ports, prints their addresses,
+/// serves until stdin closes.
+pub fn serve_process(fault: Fault) -> ! {
+    std::process::exit(match serve_process_inner(fault) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("fake peers: {e}");
+            1
+        }
+    })
+}
+
+fn serve_process_inner(fault: Fault) -> io::Result<()> {
+    raise_fd_limit();
+    let fault = FaultSwitch::new(fault);
+    let bind = || -> io::Result<std::net::TcpListener> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    };
+    let (webhook, pccs, control) = (bind()?, bind()?, bind()?);
+    let addrs = PeerAddrs {
+        webhook: webhook.local_addr()?,
+        pccs: pccs.local_addr()?,
+        control: control.local_addr()?,
+    };
+    println!("{ADDR_PREFIX}{}", serde_json::to_string(&addrs)?);
+    std::thread::Builder::new()
+        .name("stdin-watch".into())
+        .spawn(|| {
+            // EOF (or an error) on stdin: the twin is gone.
+            let _ = io::copy(&mut io::stdin(), &mut io::sink());
+            std::process::exit(0);
+        })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let webhook_counters = Arc::new(PeerCounters::default());
+        let pccs_counters = Arc::new(PeerCounters::default());
+        tokio::spawn(serve(
+            tokio::net::TcpListener::from_std(webhook)?,
+            Kind::Webhook,
+            webhook_counters.clone(),
+            fault.clone(),
+        ));
+        tokio::spawn(serve(
+            tokio::net::TcpListener::from_std(pccs)?,
+            Kind::Pccs,
+            pccs_counters.clone(),
+            fault.clone(),
+        ));
+        serve_control(
+            tokio::net::TcpListener::from_std(control)?,
+            fault,
+            webhook_counters,
+            pccs_counters,
+        )
+        .await;
+        Ok(())
+    })
+}
+
+/// The soft fd limit up to the hard one: the twin may have lowered it
+/// before starting us, and the real services have their own.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,45 +246,58 @@ enum Kind {
     Pccs,
 }
 
-impl FakePeers {
-    /// Binds both peers on 127.0.0.1 port 0 and serves them on a new OS
-    /// thread named `fake-peers`.
-    ///
-    /// # Errors
-    /// When binding or spawning the thread fails.
-    pub fn start(fault: FaultSwitch) -> io::Result<FakePeers> {
-        let webhook_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let pccs_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        webhook_listener.set_nonblocking(true)?;
-        pccs_listener.set_nonblocking(true)?;
-        let peers = FakePeers {
-            webhook_addr: webhook_listener.local_addr()?,
-            pccs_addr: pccs_listener.local_addr()?,
-            webhook: Arc::default(),
-            pccs: Arc::default(),
+async fn serve_control(
+    listener: tokio::net::TcpListener,
+    fault: FaultSwitch,
+    webhook: Arc<PeerCounters>,
+    pccs: Arc<PeerCounters>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
         };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let (webhook, pccs) = (peers.webhook.clone(), peers.pccs.clone());
-        std::thread::Builder::new()
-            .name("fake-peers".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let webhook_listener = tokio::net::TcpListener::from_std(webhook_listener)?;
-                    let pccs_listener = tokio::net::TcpListener::from_std(pccs_listener)?;
-                    tokio::spawn(serve(
-                        webhook_listener,
-                        Kind::Webhook,
-                        webhook,
-                        fault.clone(),
-                    ));
-                    serve(pccs_listener, Kind::Pccs, pccs, fault).await;
-                    Ok::<(), io::Error>(())
-                })
-            })?;
-        Ok(peers)
+        let (fault, webhook, pccs) = (fault.clone(), webhook.clone(), pccs.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+                let path = req.uri().path().to_owned();
+                let answer = match (req.method(), path.strip_prefix("/fault/")) {
+                    (&Method::POST, Some(name)) => match name.parse::<Fault>() {
+                        Ok(f) => {
+                            fault.set(f);
+                            (StatusCode::OK, json!({ "fault": f }))
+                        }
+                        Err(e) => (StatusCode::BAD_REQUEST, json!({ "error": e.to_string() })),
+                    },
+                    (&Method::GET, None) if path == "/counters" => (
+                        StatusCode::OK,
+                        json!(PeerCounts {
+                            webhook_requests: load(&webhook.requests),
+                            webhook_hung: load(&webhook.hung),
+                            pccs_requests: load(&pccs.requests),
+                            pccs_hung: load(&pccs.hung),
+                        }),
+                    ),
+                    _ => (StatusCode::NOT_FOUND, json!({ "error": "not found" })),
+                };
+                async move { Ok::<_, Infallible>(json_response(answer.0, &answer.1)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 async fn serve(
@@ -140,14 +348,7 @@ async fn answer(
         Kind::Webhook => webhook_answer(req.method(), req.uri().path()),
         Kind::Pccs => pccs_answer(req.method(), req.uri().path()),
     };
-    let body = serde_json::to_vec(&body).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    Ok(response)
+    Ok(json_response(status, &body))
 }
 
 /// What `kms/auth-eth` answers.

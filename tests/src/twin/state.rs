@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::fault::FaultSwitch;
+use crate::fault::{Fault, FaultSwitch};
 use crate::twin::outbound::Peers;
 use crate::twin::peers::FakePeers;
 
@@ -42,7 +42,7 @@ pub struct Kms {
     pub fault: FaultSwitch,
     /// Configuration.
     pub config: KmsConfig,
-    /// The fake peers, for their counters.
+    /// The fake peers' process (faults reach it through its control port).
     pub fake_peers: Option<FakePeers>,
     /// Async caches: `app_keys` then `cert_log` is the lock order;
     /// `async-deadlock` makes `SignCert` take them the other way round.
@@ -109,6 +109,17 @@ impl Kms {
             leaked_buffers: parking_lot::Mutex::default(),
             leaked_connections: parking_lot::Mutex::default(),
             counters: Counters::default(),
+        }
+    }
+
+    /// Puts `fault` in force, in the twin and in its fake peers.
+    pub async fn inject(&self, fault: Fault) {
+        tracing::warn!(fault = fault.name(), "Fault injected.");
+        self.fault.set(fault);
+        if let Some(peers) = &self.fake_peers {
+            if let Err(e) = peers.set_fault(fault).await {
+                tracing::error!(error = %e, "Cannot reach the fake peers to inject the fault.");
+            }
         }
     }
 
