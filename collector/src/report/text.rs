@@ -14,6 +14,9 @@ fn mark(v: Verdict) -> &'static str {
     }
 }
 
+/// Stuck requests listed one by one; the rest are counted.
+const MAX_LISTED: usize = 20;
+
 /// Renders `report` as plain text.
 pub fn render_text(report: &Report) -> String {
     let mut o = String::new();
@@ -90,7 +93,7 @@ pub fn render_text(report: &Report) -> String {
         }
     }
     let _ = writeln!(o, "\nStuck requests ({})", report.stuck_spans.len());
-    for s in &report.stuck_spans {
+    for s in report.stuck_spans.iter().take(MAX_LISTED) {
         let _ = writeln!(
             o,
             "  {}  trace {} span {}\n      {}",
@@ -100,13 +103,20 @@ pub fn render_text(report: &Report) -> String {
             s.describe()
         );
     }
+    if report.stuck_spans.len() > MAX_LISTED {
+        let _ = writeln!(
+            o,
+            "  ... and {} more (all of them in --format json)",
+            report.stuck_spans.len() - MAX_LISTED
+        );
+    }
     if !p.open_at_onset.is_empty() {
         let _ = writeln!(
             o,
             "\nOpen when GetMeta began failing ({})",
             p.first_failure_at.as_deref().unwrap_or("?")
         );
-        for s in &p.open_at_onset {
+        for s in p.open_at_onset.iter().take(MAX_LISTED) {
             let _ = writeln!(
                 o,
                 "  {} waits on {}  trace {}",
