@@ -5,6 +5,8 @@
 //! whole subscriber: a global `info` filter would hide tokio's trace-level
 //! runtime events from the console layer.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::{Layer, Registry};
 
@@ -23,7 +25,10 @@ pub(crate) fn layer(directives: &str) -> DiagLayer {
     let filter = EnvFilter::builder()
         .parse(directives)
         .unwrap_or_else(|_| EnvFilter::new(crate::Builder::DEFAULT_LOG_FILTER));
+    // Colour only on a terminal: a CVM's log goes to a file or the console
+    // capture, where escape codes are noise.
     tracing_subscriber::fmt::layer::<Registry>()
+        .with_ansi(std::io::stdout().is_terminal())
         .with_filter(filter)
         .boxed()
 }

@@ -130,7 +130,7 @@ fn run(
         for (method, monitor) in monitors_snapshot() {
             let intervals = tasks.entry(method).or_insert_with(|| monitor.intervals());
             if let Some(metrics) = intervals.next() {
-                let event = task_event(method, &metrics);
+                let event = task_event(method, &monitor.cumulative(), &metrics);
                 tracing::debug!(
                     target: "instrumented_kms::metrics",
                     rpc_method = method,
@@ -207,8 +207,11 @@ fn with_heartbeat(event: DiagEvent, _sampled: &mut SampledRuntime) -> DiagEvent 
     event
 }
 
-fn task_event(method: &'static str, m: &TaskMetrics) -> DiagEvent {
-    let in_flight = m.instrumented_count.saturating_sub(m.dropped_count);
+/// `total` gives the counts since start (so `task.in_flight` is the number of
+/// handlers running now, stuck ones included); `m`, the interval, gives the
+/// poll figures.
+fn task_event(method: &'static str, total: &TaskMetrics, m: &TaskMetrics) -> DiagEvent {
+    let in_flight = total.instrumented_count.saturating_sub(total.dropped_count);
     DiagEvent::new(
         "kms.task_metrics",
         Severity::Info,
@@ -220,8 +223,8 @@ fn task_event(method: &'static str, m: &TaskMetrics) -> DiagEvent {
         ),
     )
     .attr("rpc.method", method)
-    .attr("task.instrumented", m.instrumented_count)
-    .attr("task.dropped", m.dropped_count)
+    .attr("task.instrumented", total.instrumented_count)
+    .attr("task.dropped", total.dropped_count)
     .attr("task.in_flight", in_flight)
     .attr("task.polls", m.total_poll_count)
     .attr("task.mean_poll_us", micros(m.mean_poll_duration()))

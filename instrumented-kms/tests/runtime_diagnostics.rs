@@ -300,6 +300,9 @@ fn runtime_and_task_metrics_are_sampled_with_sane_values() {
     let env = env();
     let (rt, runtime) = watched_runtime(2);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    // One handler that never finishes: it must stay "in flight" in every
+    // later sample, not only in the interval it started in.
+    let stuck = rt.spawn(monitor_rpc("TestStuckRpc", std::future::pending::<()>()));
     // Steady RPC-like traffic through a per-method task monitor.
     let load = rt.spawn(async move {
         let mut handled = 0u64;
@@ -373,6 +376,18 @@ fn runtime_and_task_metrics_are_sampled_with_sane_values() {
     // Each call idles in a 2 ms sleep.
     let idle_ms = number(&task, "task.mean_idle_ms");
     assert!(idle_ms >= 1.0, "mean idle {idle_ms} ms");
+
+    // A later interval of the stuck handler (no polls in it) still counts it.
+    let later =
+        env.receiver
+            .wait_for_log("a later kms.task_metrics for the stuck RPC", WAIT, |e| {
+                e.name() == "kms.task_metrics"
+                    && e.str_attr("rpc.method").as_deref() == Some("TestStuckRpc")
+                    && e.int_attr("task.polls") == Some(0)
+            });
+    assert_eq!(later.int_attr("task.instrumented"), Some(1));
+    assert_eq!(later.int_attr("task.in_flight"), Some(1));
+    stuck.abort();
 
     stop_tx.send(true).unwrap();
     assert!(rt.block_on(load).unwrap() >= 10);
