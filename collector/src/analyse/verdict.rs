@@ -112,6 +112,14 @@ impl Pass for Verdicts {
                 e.slow.push(s.clone());
             }
         }
+        // Dropped closed spans can hide completed calls (never snapshots:
+        // those take the priority lane); say so where absence is evidence.
+        let dropped: i64 = cx
+            .reader
+            .events("kms.export_drops", cx.window)?
+            .iter()
+            .filter_map(|e| super::attrs::i64_of(&e.attributes, "export.dropped_spans"))
+            .sum();
         let mut h = BTreeMap::new();
         h.insert(
             "A".to_owned(),
@@ -121,6 +129,19 @@ impl Pass for Verdicts {
             "B".to_owned(),
             outbound_hypothesis(cx, "B", WaitsOn::AuthWebhook, has_spans, &closed_by_peer),
         );
+        if dropped > 0 {
+            for letter in ["A", "B"] {
+                if let Some(x) = h
+                    .get_mut(letter)
+                    .filter(|x: &&mut Hypothesis| x.verdict != Verdict::Confirmed)
+                {
+                    x.evidence.push(Evidence::new(
+                        "export_drops",
+                        format!("the KMS dropped {dropped} closed spans under load (kms.export_drops): completed calls may be missing; open-span snapshots are never dropped for capacity"),
+                    ));
+                }
+            }
+        }
         h.insert("C".to_owned(), memory_hypothesis(cx));
         let e = connections_hypothesis(cx, failure);
         let d = runtime_hypothesis(cx, failure, &h["C"], &e);
