@@ -34,12 +34,17 @@ async fn lab(fault: Fault) -> ScenarioResult {
     let judgement = judge(fault, &result.report);
     assert!(
         judgement.ok() && !result.timed_out,
-        "{fault}: {}{}\n\n{}",
+        "{fault}: {}{}{}\n\n{}",
         judgement.problems.join("; "),
         if result.timed_out {
             " (verdicts never settled)"
         } else {
             ""
+        },
+        if result.console_sees_handlers {
+            ""
+        } else {
+            " (the twin's tokio-console showed none of its request tasks)"
         },
         result.report_text
     );

@@ -19,6 +19,8 @@ pub struct Row {
     pub verdict_after: Option<Duration>,
     /// Why the run failed, or the verdicts did not settle.
     pub error: Option<String>,
+    /// False when the twin's tokio-console showed none of its request tasks.
+    pub console_sees_handlers: bool,
 }
 
 impl Row {
@@ -51,12 +53,14 @@ pub async fn run_matrix(
                     error: result
                         .timed_out
                         .then(|| "verdicts did not settle before the timeout".to_owned()),
+                    console_sees_handlers: result.console_sees_handlers,
                 },
                 Err(e) => Row {
                     fault,
                     judgement: None,
                     verdict_after: None,
                     error: Some(format!("{e:#}")),
+                    console_sees_handlers: true,
                 },
             };
             (index, row)
@@ -144,6 +148,12 @@ pub fn render_table(rows: &[Row]) -> String {
             for p in &j.problems {
                 out.push_str(&format!("{}: {p}\n", row.fault));
             }
+        }
+        if !row.console_sees_handlers {
+            out.push_str(&format!(
+                "{}: note: the twin's tokio-console showed none of its request tasks\n",
+                row.fault
+            ));
         }
     }
     out

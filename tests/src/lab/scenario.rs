@@ -143,6 +143,10 @@ pub struct ScenarioResult {
     pub twin_state: Option<TwinState>,
     /// Background load `(sent, ok, timed_out, failed)`.
     pub load: (u64, u64, u64, u64),
+    /// False when the twin's tokio-console showed none of the request
+    /// handler tasks at the end of warm-up (console-based evidence is then
+    /// missing through no fault of the diagnosis).
+    pub console_sees_handlers: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -269,6 +273,20 @@ fn warmup_missing(db: &Path) -> anyhow::Result<Option<String>> {
         missing.push("console snapshots".to_owned());
     }
     Ok((!missing.is_empty()).then(|| missing.join(", ")))
+}
+
+/// Whether the newest console snapshot holds a task spawned by the twin's
+/// request handling (`twin/server.rs`).
+fn console_sees_handlers(db: &Path) -> anyhow::Result<bool> {
+    let reader = SqliteReader::open(db)?;
+    let Some(&newest) = reader.console_snapshot_times(TimeWindow::ALL)?.last() else {
+        return Ok(false);
+    };
+    Ok(reader.console_snapshot(newest)?.tasks.iter().any(|t| {
+        t.spawn_location
+            .as_deref()
+            .is_some_and(|l| l.contains("twin/server.rs"))
+    }))
 }
 
 /// A port that was free a moment ago (console-subscriber cannot report the
@@ -411,6 +429,17 @@ pub async fn run_scenario(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    let console_sees_handlers = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || console_sees_handlers(&db)).await??
+    };
+    if !console_sees_handlers {
+        progress.status(
+            "warning",
+            "the twin's tokio-console shows none of its request tasks; console-based evidence will be missing",
+        );
+    }
+
     // Inject.
     progress.status("inject", fault.name());
     if fault != Fault::None {
@@ -503,6 +532,7 @@ pub async fn run_scenario(
         timed_out,
         twin_state,
         load: load_stats,
+        console_sees_handlers,
         _tmp: tmp,
     })
 }
