@@ -225,6 +225,24 @@ fn merge_rule_holds(mut w: impl Writer, path: &Path) {
     ])])
     .expect("write");
     assert_eq!(stored(&conn, 1, 2), (false, None, 9_000));
+    // Within one multi-row statement (the store inserts spans in chunks).
+    let mut rows: Vec<SpanRow> = (100..140u8)
+        .map(|i| span_row(1, i, false, None, 2_000))
+        .collect();
+    rows.splice(
+        5..5,
+        [
+            span_row(1, 3, true, Some(1), 1_001),
+            span_row(1, 3, false, None, 9_000),
+            span_row(1, 3, true, Some(5), 1_005),
+            span_row(1, 4, true, Some(2), 1_002),
+            span_row(1, 4, true, Some(1), 1_001),
+        ],
+    );
+    w.write(&[batch(rows)]).expect("write");
+    assert_eq!(stored(&conn, 1, 3), (false, None, 9_000));
+    assert_eq!(stored(&conn, 1, 4), (true, Some(2), 1_002));
+    assert_eq!(count(&conn, "SELECT COUNT(*) FROM spans"), 2 + 2 + 40);
 }
 
 fn retention_by_age_and_size(mut w: impl Writer, path: &Path) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 
-use super::encoded::EncodedBatch;
+use super::encoded::{EncodedBatch, EncodedSpan};
 use super::writer::{Record, Retention, RetentionSummary, StoreError, Writer};
 use super::{ConsoleSnapshot, ProbeAttempt, SCHEMA_SQL};
 
@@ -26,11 +26,19 @@ const AGED_TABLES: &[(&str, &str)] = &[
     ("collector_stats", "time_ns"),
 ];
 
-const INSERT_SPAN: &str = "\
-INSERT INTO spans (trace_id, span_id, parent_span_id, name, kind, service, scope, start_ns, end_ns,
-                   status_code, status_message, incomplete, snapshot_seq, attributes, events, resource,
-                   received_ns)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+/// Rows per multi-row span insert (17 parameters each).
+const SPANS_PER_INSERT: usize = 32;
+
+/// The upsert of `n` span rows. The merge rule of docs/wire-format.md: only
+/// a stored snapshot can be replaced, by the closed span or by a newer
+/// snapshot. SQLite applies it row by row, also between rows of one statement.
+fn insert_spans_sql(n: usize) -> String {
+    let row = format!("({})", vec!["?"; 17].join(", "));
+    format!(
+        "INSERT INTO spans (trace_id, span_id, parent_span_id, name, kind, service, scope,
+                   start_ns, end_ns, status_code, status_message, incomplete, snapshot_seq,
+                   attributes, events, resource, received_ns)
+VALUES {}
 ON CONFLICT (trace_id, span_id) DO UPDATE SET
     parent_span_id = excluded.parent_span_id, name = excluded.name, kind = excluded.kind,
     service = excluded.service, scope = excluded.scope, start_ns = excluded.start_ns,
@@ -38,12 +46,17 @@ ON CONFLICT (trace_id, span_id) DO UPDATE SET
     status_message = excluded.status_message, incomplete = excluded.incomplete,
     snapshot_seq = excluded.snapshot_seq, attributes = excluded.attributes,
     events = excluded.events, resource = excluded.resource, received_ns = excluded.received_ns
--- The merge rule of docs/wire-format.md: only a stored snapshot can be replaced,
--- by the closed span or by a newer snapshot.
 WHERE spans.incomplete = 1
   AND (excluded.incomplete = 0
        OR (COALESCE(excluded.snapshot_seq, 0), excluded.end_ns)
-          > (COALESCE(spans.snapshot_seq, 0), spans.end_ns))";
+          > (COALESCE(spans.snapshot_seq, 0), spans.end_ns))",
+        vec![row; n].join(",\n       ")
+    )
+}
+
+static INSERT_SPAN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_spans_sql(1));
+static INSERT_SPANS_CHUNK: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| insert_spans_sql(SPANS_PER_INSERT));
 
 const INSERT_EVENT: &str = "\
 INSERT INTO events (time_ns, name, severity, trace_id, span_id, service, body, attributes,
@@ -371,33 +384,54 @@ impl Writer for SqliteStore {
     }
 }
 
+/// The 17 parameters of one span row, in `SPAN_INSERT_COLUMNS` order.
+fn span_params(s: &EncodedSpan) -> [&dyn rusqlite::ToSql; 17] {
+    [
+        &s.trace_id,
+        &s.span_id,
+        &s.parent_span_id,
+        &s.name,
+        &s.kind,
+        &s.service,
+        &s.scope,
+        &s.start_ns,
+        &s.end_ns,
+        &s.status_code,
+        &s.status_message,
+        &s.incomplete,
+        &s.snapshot_seq,
+        &s.attributes,
+        &s.events,
+        &s.resource,
+        &s.received_ns,
+    ]
+}
+
 fn write_encoded(tx: &Transaction<'_>, batch: &EncodedBatch) -> Result<(), StoreError> {
     if !batch.spans.is_empty() {
         let op = "writing spans";
-        let mut stmt = tx
-            .prepare_cached(INSERT_SPAN)
-            .map_err(StoreError::sqlite(op))?;
-        for s in &batch.spans {
-            stmt.execute(params![
-                s.trace_id,
-                s.span_id,
-                s.parent_span_id,
-                s.name,
-                s.kind,
-                s.service.as_deref(),
-                s.scope.as_deref(),
-                s.start_ns,
-                s.end_ns,
-                s.status_code,
-                s.status_message,
-                s.incomplete,
-                s.snapshot_seq,
-                s.attributes,
-                s.events,
-                &*s.resource,
-                s.received_ns,
-            ])
-            .map_err(StoreError::sqlite(op))?;
+        // Many rows per statement: one step per chunk instead of per span.
+        let chunks = batch.spans.chunks_exact(SPANS_PER_INSERT);
+        let rest = chunks.remainder();
+        if chunks.len() > 0 {
+            let mut stmt = tx
+                .prepare_cached(&INSERT_SPANS_CHUNK)
+                .map_err(StoreError::sqlite(op))?;
+            for chunk in chunks {
+                let values: Vec<&dyn rusqlite::ToSql> =
+                    chunk.iter().flat_map(span_params).collect();
+                stmt.execute(values.as_slice())
+                    .map_err(StoreError::sqlite(op))?;
+            }
+        }
+        if !rest.is_empty() {
+            let mut stmt = tx
+                .prepare_cached(&INSERT_SPAN)
+                .map_err(StoreError::sqlite(op))?;
+            for s in rest {
+                stmt.execute(span_params(s).as_slice())
+                    .map_err(StoreError::sqlite(op))?;
+            }
         }
     }
     if !batch.events.is_empty() {
