@@ -298,33 +298,38 @@ impl Pass for LockWaitPass {
             .iter()
             .filter(|s| s.waits_on == WaitsOn::Handler)
             .count();
-        (f.cycle_suspected, f.cycle_reason) = if f.waits.is_empty() {
-            // No async op recorded (the recording may miss them): the locks
-            // themselves still tell. Two locks held across the threshold,
-            // requests idle in the handler, tasks idle with wakers and no
-            // request in I/O is what two handlers waiting on each other leave.
-            // The task view supports it when it sees the tasks; when it
-            // shows fewer live tasks than stuck requests it is not watching
-            // them, and the idle request spans stand in for it.
-            let tasks_agree = f.idle_tasks_with_wakers >= 2 || f.live_tasks < handler_stuck;
-            if f.held_locks.len() >= 2 && handler_stuck >= 2 && tasks_agree && outbound_stuck == 0 {
-                (
-                    true,
-                    Some(format!(
-                        "{} locks held for over {} ms ({}) while {handler_stuck} requests are idle in the handler ({} console tasks idle with wakers) and no request is in an outbound call: the holders wait on each other (tokio-console recorded no async op naming the waiters)",
-                        f.held_locks.len(),
-                        threshold_ms,
-                        f.held_locks
-                            .iter()
-                            .map(|l| format!("{} {}", l.resource_type, l.resource_id))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        f.idle_tasks_with_wakers
-                    )),
-                )
-            } else {
-                (false, None)
-            }
+        // When the recording misses waiters (no async op at all, or a task
+        // view with fewer live tasks than stuck requests), the locks still
+        // tell: two locks held across the threshold, requests idle in the
+        // handler, tasks idle with wakers (or, with a blind task view, the
+        // idle request spans) and no request in I/O is what two handlers
+        // waiting on each other leave.
+        let blind = f.live_tasks < handler_stuck;
+        let tasks_agree = f.idle_tasks_with_wakers >= 2 || blind;
+        let held_cycle = f.held_locks.len() >= 2
+            && handler_stuck >= 2
+            && tasks_agree
+            && outbound_stuck == 0
+            && (f.waits.is_empty() || blind);
+        let waits_cycle = locks.len() >= 2 && held_waits.len() >= 2 && outbound_stuck == 0;
+        (f.cycle_suspected, f.cycle_reason) = if held_cycle && !waits_cycle {
+            (
+                true,
+                Some(format!(
+                    "{} locks held for over {} ms ({}) while {handler_stuck} requests are idle in the handler ({} console tasks idle with wakers) and no request is in an outbound call: the holders wait on each other (tokio-console recorded {} of the waiters)",
+                    f.held_locks.len(),
+                    threshold_ms,
+                    f.held_locks
+                        .iter()
+                        .map(|l| format!("{} {}", l.resource_type, l.resource_id))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    f.idle_tasks_with_wakers,
+                    if f.waits.is_empty() { "none".to_owned() } else { format!("only {}", f.waits.len()) }
+                )),
+            )
+        } else if f.waits.is_empty() {
+            (false, None)
         } else if locks.len() < 2 || held_waits.len() < 2 {
             (
                 false,

@@ -769,7 +769,11 @@ fn runtime_hypothesis(
                 .at(lw.snapshot_ns.unwrap_or(0)),
             );
         }
-        for l in lw.held_locks.iter().filter(|_| lw.waits.is_empty()) {
+        // Name the held locks when the recorded waits do not show the cycle.
+        let wait_locks: std::collections::BTreeSet<i64> =
+            lw.waits.iter().map(|w| w.resource_id).collect();
+        let use_held = lw.held_locks.len() >= 2 && wait_locks.len() < 2;
+        for l in lw.held_locks.iter().filter(|_| use_held) {
             ev.push(
                 Evidence::new(
                     "lock_held",
@@ -804,7 +808,7 @@ fn runtime_hypothesis(
                     loc.map(|l| format!(" ({l})")).unwrap_or_default()
                 )
             };
-            let locks: Vec<String> = if lw.waits.is_empty() {
+            let locks: Vec<String> = if use_held {
                 lw.held_locks
                     .iter()
                     .map(|l| named(&l.resource_type, l.resource_id, l.location.as_deref()))
