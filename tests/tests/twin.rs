@@ -209,3 +209,25 @@ async fn fd_exhaustion_stops_accepting() {
         Handshake::TlsTimedOut
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_after_works_first_then_hangs() {
+    let (twin, _dir) =
+        start_twin(&["--fault", "webhook-hang", "--fault-after", "1500ms"], &[]).await;
+    let client = KmsClient::new(&twin.ready, Protocol::Http1).unwrap();
+    assert!(
+        ok(&client.call(Rpc::GetMeta, SHORT).await),
+        "healthy before the timer"
+    );
+    assert_eq!(twin.state().await.unwrap().fault, Fault::None);
+    wait_for(
+        Duration::from_secs(10),
+        "the timer to inject the fault",
+        || async { (twin.state().await.ok()?.fault == Fault::WebhookHang).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        client.call(Rpc::GetMeta, SHORT).await,
+        CallOutcome::TimedOut
+    );
+}
