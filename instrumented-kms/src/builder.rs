@@ -59,6 +59,7 @@ pub struct Builder {
     metrics_interval: Option<Duration>,
     process_interval: Option<Duration>,
     listen_port: Option<u16>,
+    memory_limit: Option<u64>,
 }
 
 /// The settings in force after resolving code, environment and defaults.
@@ -106,6 +107,8 @@ pub struct Settings {
     pub process_interval: Duration,
     /// Port whose connections process facts count (`None`: not configured).
     pub listen_port: Option<u16>,
+    /// Memory budget RSS is judged against (`None`: cgroup `memory.max`, else MemTotal).
+    pub memory_limit: Option<u64>,
 }
 
 impl Builder {
@@ -307,6 +310,16 @@ impl Builder {
         self
     }
 
+    /// The memory budget, in bytes, that process facts report as
+    /// `process.memory_limit_bytes`, for a KMS whose real budget is neither its
+    /// cgroup's `memory.max` nor the machine's MemTotal (e.g. one process among
+    /// several in a CVM). Default none (cgroup, else MemTotal); env
+    /// [`KMS_DIAG_MEMORY_LIMIT`](env::KMS_DIAG_MEMORY_LIMIT), in bytes.
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
     /// Resolves the settings from code, the process environment and defaults.
     ///
     /// # Errors
@@ -494,6 +507,14 @@ impl Builder {
                 None => {
                     env::integer::<u16>(env, &[KMS_DIAG_LISTEN_PORT], "a TCP port number 1-65535")?
                 }
+            },
+            memory_limit: match self.memory_limit {
+                Some(bytes) => Some(bytes),
+                None => env::integer::<u64>(
+                    env,
+                    &[KMS_DIAG_MEMORY_LIMIT],
+                    "a byte count such as 536870912",
+                )?,
             },
         })
     }

@@ -61,6 +61,8 @@ pub const KMS_DIAG_METRICS_INTERVAL: &str = "KMS_DIAG_METRICS_INTERVAL";
 pub const KMS_DIAG_PROCESS_INTERVAL: &str = "KMS_DIAG_PROCESS_INTERVAL";
 /// The RPC port whose TCP connections process facts count.
 pub const KMS_DIAG_LISTEN_PORT: &str = "KMS_DIAG_LISTEN_PORT";
+/// The memory budget (bytes) process facts report instead of cgroup/MemTotal.
+pub const KMS_DIAG_MEMORY_LIMIT: &str = "KMS_DIAG_MEMORY_LIMIT";
 
 /// Accepted form of a duration.
 pub(crate) const DURATION_FORM: &str = "a duration such as 500ms, 10s or 2m";

@@ -394,6 +394,7 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
         let config = crate::process::ProcessConfig {
             interval: settings.process_interval,
             listen_port: settings.listen_port,
+            memory_limit: settings.memory_limit,
         };
         let thread = crate::process::spawn(config, guard.sink.clone(), stopped)
             .map_err(spawn_error("kms-diag-process"))?;

@@ -24,6 +24,8 @@ pub(crate) struct ProcessConfig {
     pub(crate) interval: Duration,
     /// The RPC port whose inbound connections are counted (`None`: none).
     pub(crate) listen_port: Option<u16>,
+    /// Configured memory budget; `None` reads cgroup `memory.max`, else MemTotal.
+    pub(crate) memory_limit: Option<u64>,
 }
 
 impl ProcessConfig {
@@ -36,6 +38,7 @@ impl Default for ProcessConfig {
         Self {
             interval: Self::DEFAULT_INTERVAL,
             listen_port: None,
+            memory_limit: None,
         }
     }
 }
@@ -82,7 +85,7 @@ pub(crate) fn sample(config: &ProcessConfig) -> ProcessFacts {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     ProcessFacts {
         rss_bytes: status_kib(&status, "VmRSS:").map(|k| k * 1024),
-        memory_limit_bytes: memory_limit(),
+        memory_limit_bytes: config.memory_limit.or_else(memory_limit),
         open_fds: std::fs::read_dir("/proc/self/fd")
             .ok()
             .map(|d| d.count() as u64),
@@ -209,7 +212,7 @@ mod tests {
         let (stop, stopped) = std::sync::mpsc::channel();
         let config = ProcessConfig {
             interval: std::time::Duration::from_secs(60),
-            listen_port: None,
+            ..ProcessConfig::default()
         };
         let thread = spawn(config, crate::sink::EventSink::new(|_| {}), stopped).unwrap();
         assert_eq!(thread.thread().name(), Some("kms-diag-process"));

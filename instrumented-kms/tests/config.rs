@@ -30,6 +30,7 @@ fn defaults_apply_when_nothing_is_set() {
     assert_eq!(s.metrics_interval, Duration::from_secs(5));
     assert_eq!(s.process_interval, Duration::from_secs(5));
     assert_eq!(s.listen_port, None);
+    assert_eq!(s.memory_limit, None);
     assert!(s.otlp && s.console && s.log);
 }
 
@@ -73,6 +74,7 @@ fn our_variables_beat_standard_ones() {
             (env::KMS_DIAG_METRICS_INTERVAL, "7"),
             (env::KMS_DIAG_PROCESS_INTERVAL, "8s"),
             (env::KMS_DIAG_LISTEN_PORT, "8000"),
+            (env::KMS_DIAG_MEMORY_LIMIT, "536870912"),
             (env::KMS_DIAG_CONSOLE, "off"),
             (env::KMS_DIAG_OTLP, "0"),
             (env::KMS_DIAG_EXPORT_QUEUE, "100"),
@@ -91,6 +93,7 @@ fn our_variables_beat_standard_ones() {
     assert_eq!(s.metrics_interval, Duration::from_secs(7));
     assert_eq!(s.process_interval, Duration::from_secs(8));
     assert_eq!(s.listen_port, Some(8000));
+    assert_eq!(s.memory_limit, Some(512 << 20));
     assert!(!s.console);
     assert!(!s.otlp);
     assert_eq!(s.export_queue_capacity, 100);
@@ -106,6 +109,7 @@ fn code_beats_every_variable() {
         (env::KMS_DIAG_OPEN_SPAN_THRESHOLD, "2s"),
         (env::KMS_DIAG_LOG, "debug"),
         (env::KMS_DIAG_LISTEN_PORT, "8000"),
+        (env::KMS_DIAG_MEMORY_LIMIT, "1024"),
         (env::KMS_DIAG_CONSOLE, "off"),
     ]);
     let s = Builder::default()
@@ -115,6 +119,7 @@ fn code_beats_every_variable() {
         .open_span_threshold(Duration::from_secs(42))
         .log_filter("error")
         .listen_port(9100)
+        .memory_limit(2048)
         .console_enabled(true)
         .settings_from(&env)
         .unwrap();
@@ -124,6 +129,7 @@ fn code_beats_every_variable() {
     assert_eq!(s.open_span_threshold, Duration::from_secs(42));
     assert_eq!(s.log_filter, "error");
     assert_eq!(s.listen_port, Some(9100));
+    assert_eq!(s.memory_limit, Some(2048));
     assert!(s.console);
 }
 
@@ -167,6 +173,7 @@ fn bad_values_name_the_variable_and_the_accepted_form() {
     expect_invalid_env(env::KMS_DIAG_CONSOLE_BIND, "localhost", "socket address");
     expect_invalid_env(env::TOKIO_CONSOLE_BIND, "127.0.0.1:99999", "socket address");
     expect_invalid_env(env::OTEL_EXPORTER_OTLP_ENDPOINT, "10.0.2.2:4317", "http://");
+    expect_invalid_env(env::KMS_DIAG_MEMORY_LIMIT, "512MiB", "byte count");
     expect_invalid_env(env::KMS_DIAG_OTLP_ENDPOINT, "http://u:p@h:4317", "http://");
     expect_invalid_env(env::KMS_DIAG_LISTEN_PORT, "http", "port");
     expect_invalid_env(env::KMS_DIAG_CONSOLE, "maybe", "true/false");

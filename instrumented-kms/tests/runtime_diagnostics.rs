@@ -40,6 +40,9 @@ struct Env {
     listener: TcpListener,
 }
 
+/// A memory budget no real machine reports, so the test sees it was used.
+const MEMORY_LIMIT: u64 = 3 << 30 | 12345;
+
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
@@ -55,6 +58,7 @@ fn env() -> &'static Env {
             .metrics_interval(METRICS_INTERVAL)
             .process_interval(PROCESS_INTERVAL)
             .listen_port(listener.local_addr().unwrap().port())
+            .memory_limit(MEMORY_LIMIT)
             .build()
             .expect("build diagnostics");
         // Global: spans are entered on the runtime's worker threads.
@@ -424,6 +428,11 @@ fn process_facts_count_close_wait_on_the_listen_port_and_fds_against_the_limit()
                 && e.int_attr("process.open_fds").unwrap_or(0) >= floor - 8
         });
     assert_eq!(facts.int_attr("tcp.listen_port"), Some(port));
+    assert_eq!(
+        facts.int_attr("process.memory_limit_bytes"),
+        Some(MEMORY_LIMIT as i64),
+        "the configured budget, not the machine's"
+    );
     let inbound: serde_json::Value =
         serde_json::from_str(&facts.str_attr("tcp.inbound").unwrap()).unwrap();
     assert_eq!(
