@@ -359,7 +359,28 @@ async fn slow_clients_are_cut_off_and_do_not_hold_the_server() {
         "body trickle cut after {took:?}"
     );
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    drop(idle);
+    // Connections that never sent a byte are closed after the read timeout.
+    let closed = tokio::task::spawn_blocking(move || {
+        idle.into_iter()
+            .map(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                let started = Instant::now();
+                // The server's SETTINGS frame, then EOF or a reset once it
+                // gives up (or our 10 s read timeout if it never does).
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf);
+                started.elapsed()
+            })
+            .max()
+    })
+    .await
+    .expect("join")
+    .expect("some connections");
+    assert!(
+        closed < Duration::from_secs(5),
+        "idle gRPC connections held for {closed:?}"
+    );
     assert_eq!(t.query_i64("SELECT COUNT(*) FROM spans"), 20);
     t.server.shutdown().await.expect("clean shutdown");
 }

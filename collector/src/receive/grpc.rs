@@ -24,7 +24,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use super::{Accepted, Ingest, IngestError, ReceiverStats, RETRY_AFTER_SECS};
@@ -127,7 +126,7 @@ pub(crate) async fn serve(
     let max = limits.grpc_max_message;
     let svc = Svc(ingest.clone());
     let map_status = move |res| map_codec_status(ingest.stats(), res);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = super::idle::incoming(listener, limits.read_timeout);
     tonic::transport::Server::builder()
         // The whole call: reading the request and waiting for its commit.
         .timeout(limits.read_timeout + limits.commit_timeout)

@@ -11,6 +11,7 @@
 pub(crate) mod convert;
 pub(crate) mod grpc;
 pub(crate) mod http;
+mod idle;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
