@@ -96,15 +96,13 @@ fn evidence_of_kind<'a>(report: &'a Value, letter: &str, kind: &str) -> Vec<&'a 
         .collect()
 }
 
-/// Stuck requests of `method` waiting on `waits_on`.
-fn stuck(report: &Value, method: &str, waits_on: &str) -> usize {
+/// Stuck requests waiting on `waits_on`. (Not necessarily `GetMeta`s: the
+/// probe speaks h2 when offered, and an h2 client that gives up cancels its
+/// handler, as upstream does; the CVMs' HTTP/1.1 requests stay stuck.)
+fn stuck_on(report: &Value, waits_on: &str) -> usize {
     report["stuck_spans"]
         .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|s| s["rpc_method"] == method && s["waits_on"] == waits_on)
-                .count()
-        })
+        .map(|a| a.iter().filter(|s| s["waits_on"] == waits_on).count())
         .unwrap_or(0)
 }
 
@@ -121,11 +119,7 @@ async fn no_fault_no_hang_nothing_confirmed() {
 async fn pccs_hang_is_a_not_d() {
     let result = lab(Fault::PccsHang).await;
     let r = &result.report;
-    assert!(
-        stuck(r, "GetMeta", "attestation") >= 1,
-        "{}",
-        result.report_text
-    );
+    assert!(stuck_on(r, "attestation") >= 1, "{}", result.report_text);
     let cited = evidence_of_kind(r, "A", "stuck_outbound");
     assert!(
         cited
@@ -144,11 +138,7 @@ async fn pccs_hang_is_a_not_d() {
 async fn webhook_hang_is_b_not_d() {
     let result = lab(Fault::WebhookHang).await;
     let r = &result.report;
-    assert!(
-        stuck(r, "GetMeta", "auth_webhook") >= 1,
-        "{}",
-        result.report_text
-    );
+    assert!(stuck_on(r, "auth_webhook") >= 1, "{}", result.report_text);
     assert_eq!(
         r["probe"]["failure_class"], "timeout",
         "TLS must keep working"
