@@ -382,6 +382,7 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let stream = super::idle::FirstByteDeadline::new(stream, read_timeout);
         let conn = builder.serve_connection(TokioIo::new(stream), service.clone());
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {

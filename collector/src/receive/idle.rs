@@ -1,8 +1,9 @@
 //! Accepted connections that must start talking within a deadline.
 //!
-//! hyper's HTTP/2 server (under tonic) waits for a client's connection
-//! preface without a limit, so a client that connects and says nothing
-//! would keep its socket forever. Each gRPC connection is wrapped so that
+//! hyper waits for a client's first bytes without a limit (its HTTP/1
+//! header timeout starts with the first byte; its HTTP/2 server waits for
+//! the connection preface), so a client that connects and says nothing
+//! would keep its socket forever. Each connection is wrapped so that
 //! reading fails with `TimedOut` if no byte arrived within the read timeout
 //! of the accept; after the first byte it is an ordinary stream, and HTTP/2
 //! keep-alive pings take over.
@@ -27,7 +28,7 @@ pub(crate) struct FirstByteDeadline {
 }
 
 impl FirstByteDeadline {
-    fn new(inner: TcpStream, within: Duration) -> Self {
+    pub(crate) fn new(inner: TcpStream, within: Duration) -> Self {
         FirstByteDeadline {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(within))),
