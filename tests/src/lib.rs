@@ -70,7 +70,14 @@
 //!
 //! `memory-leak` needs the memory limit the library reports
 //! (`process.memory_limit_bytes`) to be the one the twin approaches
-//! (`--memory-limit`); see the lab's notes on `KMS_DIAG_MEMORY_LIMIT`.
+//! (`--memory-limit`): the lab sets `KMS_DIAG_MEMORY_LIMIT` to it, as an
+//! operator states a CVM's budget. The lab's budget is 1 GiB, not less:
+//! resolving the backtraces of a parking_lot deadlock report loads the
+//! binary's debug info and costs ~290 MiB of RSS in a debug build.
+//!
+//! The collector's probe speaks h2 when offered, so a probe that gives up
+//! cancels its own `GetMeta` handler (as upstream does for h2): stuck-span
+//! evidence comes from the CVMs' HTTP/1.1 requests of the background load.
 //!
 //! ## Planted secrets
 //!
