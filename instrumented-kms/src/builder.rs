@@ -559,6 +559,11 @@ impl Builder {
             .with(layer)
             .try_init()
             .map_err(InitError::AlreadyInitialized)?;
+        // Our diagnostic threads (export runtime, console server) start before
+        // the subscriber is installed and may register tokio's spawn callsite
+        // while it is being installed; its cached "never" interest would hide
+        // every `tokio::spawn` task from tokio-console. Re-ask every callsite.
+        tracing::callsite::rebuild_interest_cache();
         guard.announce();
         Ok(guard)
     }

@@ -79,6 +79,10 @@ impl DiagGuard {
     /// [`runtime_builder`](crate::runtime_builder). Without those features
     /// this does nothing.
     pub fn watch_runtime(&self, handle: &tokio::runtime::Handle) {
+        // With `Builder::build`, the host installs the subscriber itself; by the
+        // time it watches its runtime the subscriber is in place, so make sure no
+        // callsite (tokio's spawn, above all) kept an interest cached before it.
+        tracing::callsite::rebuild_interest_cache();
         #[cfg(feature = "watchdog")]
         if let Some(w) = &self.watchdog {
             w.watch_runtime(handle);
