@@ -528,6 +528,11 @@ impl Builder {
     ///
     /// let (layer, guard) = instrumented_kms::Builder::default().build()?;
     /// tracing_subscriber::registry().with(layer).init();
+    /// // The diagnostic threads started above may have registered tokio's
+    /// // spawn callsite while no subscriber was in place; re-ask every
+    /// // callsite, or tokio-console can miss spawned tasks.
+    /// // (`DiagGuard::watch_runtime` does this too.)
+    /// tracing::callsite::rebuild_interest_cache();
     /// # drop(guard);
     /// # Ok::<(), instrumented_kms::InitError>(())
     /// ```

@@ -40,45 +40,42 @@ pub(crate) fn start(
         .server_addr(bound)
         .build();
     let parts = server.into_parts();
-    std::thread::Builder::new()
-        .name(THREAD_NAME.into())
-        .spawn(move || {
-            let _quiet = tracing::dispatcher::set_default(&tracing::Dispatch::none());
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .enable_time()
-                .build()
-            {
-                Ok(rt) => rt,
+    crate::quiet_thread::spawn(THREAD_NAME, move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("instrumented-kms: cannot start the console runtime: {e}");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let aggregator = parts.aggregator;
+            tokio::spawn(aggregator.run());
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
                 Err(e) => {
-                    eprintln!("instrumented-kms: cannot start the console runtime: {e}");
+                    eprintln!("instrumented-kms: console listener: {e}");
                     return;
                 }
             };
-            rt.block_on(async move {
-                let aggregator = parts.aggregator;
-                tokio::spawn(aggregator.run());
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        eprintln!("instrumented-kms: console listener: {e}");
-                        return;
-                    }
-                };
-                let incoming = tonic::transport::server::TcpIncoming::from(listener);
-                if let Err(e) = tonic::transport::Server::builder()
-                    .add_service(parts.instrument_server)
-                    .serve_with_incoming(incoming)
-                    .await
-                {
-                    eprintln!("instrumented-kms: console server stopped: {e}");
-                }
-            });
-        })
-        .map_err(|source| InitError::SpawnThread {
-            thread: THREAD_NAME,
-            source,
-        })?;
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(parts.instrument_server)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                eprintln!("instrumented-kms: console server stopped: {e}");
+            }
+        });
+    })
+    .map_err(|source| InitError::SpawnThread {
+        thread: THREAD_NAME,
+        source,
+    })?;
     Ok((
         layer.with_filter(FilterFn::new(console_filter)).boxed(),
         bound,

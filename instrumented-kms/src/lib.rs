@@ -22,6 +22,8 @@ mod logs;
 mod metrics;
 #[cfg(feature = "process-facts")]
 mod process;
+#[cfg(any(feature = "console", feature = "otlp"))]
+mod quiet_thread;
 mod rpc;
 mod runtime;
 mod sink;

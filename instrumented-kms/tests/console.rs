@@ -20,7 +20,12 @@ fn a_console_client_lists_the_tasks() {
         .unwrap();
     let addr = guard.console_addr().expect("console is on");
     assert_ne!(addr.port(), 0);
-    let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    // Global, as a KMS installs it (this binary has this one test). As
+    // `Builder::build` documents: the console server thread may have
+    // registered tokio's spawn callsite before this subscriber was set.
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+        .expect("the only subscriber of this test binary");
+    tracing::callsite::rebuild_interest_cache();
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

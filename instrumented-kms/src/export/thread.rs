@@ -78,22 +78,19 @@ pub(crate) fn spawn(
     let thread = {
         let queue = queue.clone();
         let deadline = deadline.clone();
-        std::thread::Builder::new()
-            .name(THREAD_NAME.into())
-            .spawn(move || {
-                // Never instrument ourselves: tokio, hyper and tonic on this
-                // thread report to no subscriber.
-                let _quiet = tracing::dispatcher::set_default(&tracing::Dispatch::none());
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .thread_name(THREAD_NAME)
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(Exporter::new(queue, config, deadline).run()),
-                    Err(e) => eprintln!("instrumented-kms: cannot start the export runtime: {e}"),
-                }
-                let _ = done_tx.send(());
-            })?
+        // Never instrument ourselves: tokio, hyper and tonic on this thread
+        // report to no subscriber.
+        crate::quiet_thread::spawn(THREAD_NAME, move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .thread_name(THREAD_NAME)
+                .build()
+            {
+                Ok(rt) => rt.block_on(Exporter::new(queue, config, deadline).run()),
+                Err(e) => eprintln!("instrumented-kms: cannot start the export runtime: {e}"),
+            }
+            let _ = done_tx.send(());
+        })?
     };
     Ok(ExportHandle {
         queue,

@@ -43,14 +43,11 @@ pub(crate) fn spawn(
     interval: Duration,
 ) -> std::io::Result<ReporterHandle> {
     let (stop, stopped) = mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name(THREAD_NAME.into())
-        .spawn(move || {
-            let _quiet = tracing::dispatcher::set_default(&tracing::Dispatch::none());
-            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                report(&open, &queue, threshold);
-            }
-        })?;
+    let thread = crate::quiet_thread::spawn(THREAD_NAME, move || {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+            report(&open, &queue, threshold);
+        }
+    })?;
     Ok(ReporterHandle {
         stop: Some(stop),
         thread: Some(thread),
