@@ -162,7 +162,7 @@ impl DiagGuard {
         if cfg!(feature = "console") && s.console {
             parts.push(format!("console={}", s.console_bind));
         }
-        let event = DiagEvent::new(
+        let mut event = DiagEvent::new(
             "kms.startup",
             Severity::Warn,
             format!(
@@ -173,54 +173,41 @@ impl DiagGuard {
         .attr("service.name", s.service_name.as_str())
         .attr("service.version", s.service_version.as_str())
         .attr("config.otlp_endpoint", s.otlp_endpoint.as_str())
-        .attr("config.console_bind", s.console_bind.to_string())
-        .attr(
-            "config.console_retention_ms",
-            s.console_retention.as_millis() as u64,
-        )
-        .attr(
-            "config.open_span_threshold_ms",
-            s.open_span_threshold.as_millis() as u64,
-        )
-        .attr(
-            "config.open_span_interval_ms",
-            s.open_span_interval.as_millis() as u64,
-        )
-        .attr(
-            "config.stall_poll_threshold_ms",
-            s.stall_poll_threshold.as_millis() as u64,
-        )
-        .attr(
-            "config.stall_heartbeat_threshold_ms",
-            s.stall_heartbeat_threshold.as_millis() as u64,
-        )
-        .attr(
-            "config.deadlock_check_interval_ms",
-            s.deadlock_check_interval.as_millis() as u64,
-        )
-        .attr(
-            "config.metrics_interval_ms",
-            s.metrics_interval.as_millis() as u64,
-        )
-        .attr(
-            "config.process_interval_ms",
-            s.process_interval.as_millis() as u64,
-        )
-        .attr(
+        .attr("config.console_bind", s.console_bind.to_string());
+        for (key, duration) in [
+            ("config.console_retention_ms", s.console_retention),
+            ("config.open_span_threshold_ms", s.open_span_threshold),
+            ("config.open_span_interval_ms", s.open_span_interval),
+            ("config.stall_poll_threshold_ms", s.stall_poll_threshold),
+            (
+                "config.stall_heartbeat_threshold_ms",
+                s.stall_heartbeat_threshold,
+            ),
+            (
+                "config.deadlock_check_interval_ms",
+                s.deadlock_check_interval,
+            ),
+            ("config.metrics_interval_ms", s.metrics_interval),
+            ("config.process_interval_ms", s.process_interval),
+        ] {
+            event = event.attr(key, duration.as_millis() as u64);
+        }
+        let features = [
+            ("console", cfg!(feature = "console")),
+            ("otlp", cfg!(feature = "otlp")),
+            ("runtime-metrics", cfg!(feature = "runtime-metrics")),
+            ("deadlock-detection", cfg!(feature = "deadlock-detection")),
+            ("watchdog", cfg!(feature = "watchdog")),
+            ("process-facts", cfg!(feature = "process-facts")),
+        ];
+        let event = event.attr(
             "config.features",
-            [
-                ("console", cfg!(feature = "console")),
-                ("otlp", cfg!(feature = "otlp")),
-                ("runtime-metrics", cfg!(feature = "runtime-metrics")),
-                ("deadlock-detection", cfg!(feature = "deadlock-detection")),
-                ("watchdog", cfg!(feature = "watchdog")),
-                ("process-facts", cfg!(feature = "process-facts")),
-            ]
-            .iter()
-            .filter(|(_, on)| *on)
-            .map(|(n, _)| *n)
-            .collect::<Vec<_>>()
-            .join(","),
+            features
+                .iter()
+                .filter(|(_, on)| *on)
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(","),
         );
         self.sink.emit(event);
     }
