@@ -40,7 +40,7 @@ pub(crate) fn start(
         .server_addr(bound)
         .build();
     let parts = server.into_parts();
-    crate::quiet_thread::spawn(THREAD_NAME, move || {
+    crate::quiet_thread::spawn(THREAD_NAME, move |ready| {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -55,6 +55,7 @@ pub(crate) fn start(
         rt.block_on(async move {
             let aggregator = parts.aggregator;
             tokio::spawn(aggregator.run());
+            ready.signal();
             let listener = match tokio::net::TcpListener::from_std(listener) {
                 Ok(l) => l,
                 Err(e) => {

@@ -80,13 +80,19 @@ pub(crate) fn spawn(
         let deadline = deadline.clone();
         // Never instrument ourselves: tokio, hyper and tonic on this thread
         // report to no subscriber.
-        crate::quiet_thread::spawn(THREAD_NAME, move || {
+        crate::quiet_thread::spawn(THREAD_NAME, move |ready| {
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .thread_name(THREAD_NAME)
                 .build()
             {
-                Ok(rt) => rt.block_on(Exporter::new(queue, config, deadline).run()),
+                Ok(rt) => rt.block_on(async move {
+                    // Register tokio's spawn callsite before init returns
+                    // (see `quiet_thread`); the exporter spawns later.
+                    drop(tokio::spawn(async {}));
+                    ready.signal();
+                    Exporter::new(queue, config, deadline).run().await
+                }),
                 Err(e) => eprintln!("instrumented-kms: cannot start the export runtime: {e}"),
             }
             let _ = done_tx.send(());

@@ -43,7 +43,8 @@ pub(crate) fn spawn(
     interval: Duration,
 ) -> std::io::Result<ReporterHandle> {
     let (stop, stopped) = mpsc::channel::<()>();
-    let thread = crate::quiet_thread::spawn(THREAD_NAME, move || {
+    let thread = crate::quiet_thread::spawn(THREAD_NAME, move |ready| {
+        ready.signal();
         while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
             report(&open, &queue, threshold);
         }
