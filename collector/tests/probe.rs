@@ -16,6 +16,12 @@ use kms_collector::store::{ProbeAttempt, ProbeOutcome};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+mod ingest_support;
+use ingest_support::wait_until_async;
+
+/// How long a condition may take to hold.
+const WAIT: Duration = Duration::from_secs(10);
+
 /// Phase limit in these tests: long enough for loopback, short for the suite.
 const LIMIT: Duration = Duration::from_millis(400);
 
@@ -301,7 +307,10 @@ async fn stop_ends_a_loop_that_would_run_forever() {
         .timeout(Duration::from_secs(3600));
     let handle = probe::spawn(config, sink.clone()).unwrap();
     // The first attempt starts at once and then waits in its TLS phase.
-    wait_for(|| seen.connections.load(Ordering::SeqCst) == 1).await;
+    wait_until_async("the probe's connection", WAIT, || {
+        seen.connections.load(Ordering::SeqCst) == 1
+    })
+    .await;
     assert!(!handle.is_finished());
     let summary = handle.stop().await;
     // The attempt under way was abandoned, not stored.
@@ -475,7 +484,10 @@ async fn over_http2_a_timed_out_attempt_cancels_the_stuck_handler() {
     expect_one(&attempts, ProbeOutcome::Timeout, None);
     assert_eq!(*versions.lock().unwrap(), [hyper::Version::HTTP_2]);
     // The probe closed its connection; the server dropped the handler.
-    wait_for(|| cancelled.load(Ordering::SeqCst) == 1).await;
+    wait_until_async("the server's handler to be cancelled", WAIT, || {
+        cancelled.load(Ordering::SeqCst) == 1
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -613,16 +625,4 @@ fn bad_urls_are_rejected_before_anything_runs() {
         assert!(err.to_string().contains("unsupported scheme"), "{err}");
         assert!(probe::spawn(ProbeConfig::new("nope"), sink).is_err());
     });
-}
-
-/// Polls `cond` until it holds, for at most 10 s.
-async fn wait_for(mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met in 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
