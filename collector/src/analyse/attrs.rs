@@ -26,6 +26,15 @@ pub(crate) fn i64_of(attrs: &Value, key: &str) -> Option<i64> {
     }
 }
 
+/// The attribute `key` as a float (from a number or a numeric string).
+pub(crate) fn f64_of(attrs: &Value, key: &str) -> Option<f64> {
+    match attrs.get(key)? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+}
+
 /// The attribute `key` as a bool (`true`, `"true"`, `1`).
 pub(crate) fn bool_of(attrs: &Value, key: &str) -> Option<bool> {
     match attrs.get(key)? {

@@ -78,6 +78,10 @@ pub struct ConnectionFindings {
     /// (time, CLOSE_WAIT), for the timeline.
     #[serde(skip)]
     pub close_wait_series: Vec<(i64, i64)>,
+    /// (time, peers the process held an outbound connection to), from
+    /// `tcp.outbound`.
+    #[serde(skip)]
+    pub outbound_series: Vec<(i64, Vec<String>)>,
 }
 
 impl ConnectionFindings {
@@ -87,6 +91,19 @@ impl ConnectionFindings {
     pub fn exhausted(&self) -> bool {
         let half_way = matches!((self.peak_fds, self.fd_limit), (Some(p), Some(l)) if p * 2 >= l);
         self.near_limit || self.accept_errors > 0 || (self.fd_unreadable > 0 && half_way)
+    }
+
+    /// Whether the process held a connection to `server` (`host:port`) in a
+    /// sample taken after `after_ns`: `None` when no sample after it listed
+    /// outbound connections.
+    pub fn connected_to(&self, server: &str, after_ns: i64) -> Option<bool> {
+        let mut later = self
+            .outbound_series
+            .iter()
+            .filter(|(t, _)| *t >= after_ns)
+            .peekable();
+        later.peek()?;
+        Some(later.any(|(_, peers)| peers.iter().any(|p| p == server)))
     }
 
     /// True when the probe failed in the failure window, telemetry kept
@@ -149,6 +166,24 @@ impl Pass for Connections {
                 }
             }
             let unreadable = fds.is_none() && !f.fd_series.is_empty();
+            if let Some(out) = json_of(a, "tcp.outbound").filter(|_| !unreadable) {
+                let peers = out
+                    .as_array()
+                    .map(|v| {
+                        v.iter()
+                            .filter(|c| {
+                                matches!(
+                                    c.get("state").and_then(|s| s.as_str()),
+                                    Some("ESTABLISHED" | "SYN_SENT" | "CLOSE_WAIT")
+                                )
+                            })
+                            .filter_map(|c| c.get("peer").and_then(|p| p.as_str()))
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                f.outbound_series.push((s.time_ns, peers));
+            }
             if let Some(inbound) = json_of(a, "tcp.inbound").filter(|_| !unreadable) {
                 let state = |k: &str| inbound.get(k).and_then(|v| v.as_i64()).unwrap_or(0);
                 f.close_wait_series.push((s.time_ns, state("CLOSE_WAIT")));

@@ -1,5 +1,6 @@
 //! The verdict vocabulary: hypotheses, verdicts and cited evidence. The JSON
-//! names are fixed by issue #3 (extend, don't rename).
+//! names (`hypotheses`, `verdict`, `culprit`, `evidence`) are a fixed
+//! interface: extend them, never rename them.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -56,6 +57,12 @@ pub struct Evidence {
     /// When, in Unix nanoseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub at_ns: Option<i64>,
+    /// The rule that cited it (`docs/diagnosis.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The facts that rule reads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reads: Option<String>,
 }
 
 impl Evidence {
@@ -68,6 +75,8 @@ impl Evidence {
             span_id: None,
             at: None,
             at_ns: None,
+            rule: None,
+            reads: None,
         }
     }
 

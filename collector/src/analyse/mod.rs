@@ -1,21 +1,22 @@
 //! Diagnosis: an ordered list of small passes that turn stored facts into
-//! findings, then into a verdict per hypothesis.
+//! one model (requests and their fates, where they wait, the runtime's
+//! resources, probe episodes, process facts), then small rules over that
+//! model into a verdict per hypothesis and an outcome.
 //!
-//! The hypotheses (issue #3):
-//!
-//! | | hypothesis | confirmed by |
+//! | | hypothesis | rules |
 //! |---|---|---|
-//! | A | attestation / PCCS call hangs | a stuck request whose innermost open span is `kms.outbound` with `kms.peer = attestation` |
-//! | B | auth webhook / Ethereum RPC hangs | the same with `kms.peer = auth_webhook` |
-//! | C | memory exhaustion | RSS near its limit |
-//! | D | async runtime deadlocked or stalled | a poll or heartbeat stall, a parking_lot deadlock cycle, or an async lock cycle |
-//! | E | connection / fd exhaustion | open fds near the fd limit, or accept errors (EMFILE) |
+//! | A | attestation / PCCS call hangs | `rules/a_attestation.rs` |
+//! | B | auth webhook / Ethereum RPC hangs | `rules/b_webhook.rs` |
+//! | C | memory exhaustion | `rules/c_memory.rs` |
+//! | D | async runtime deadlocked or stalled | `rules/d_runtime.rs` |
+//! | E | connection / fd exhaustion | `rules/e_connections.rs` |
 //!
 //! Each pass lives in its own file and reads only what it needs through a
 //! [`Reader`]; the order is [`standard_passes`]. Like Jaeger's query
 //! adjusters, a pass only adds to the [`Diagnosis`] the earlier ones built.
 //! Every rule is stated in terms of `docs/wire-format.md`, never in terms of
-//! a particular program.
+//! a particular program; `docs/diagnosis.md` lists them with the facts they
+//! read.
 
 use std::time::Duration;
 
@@ -30,16 +31,23 @@ mod evidence;
 mod lock_wait;
 mod memory;
 mod probe;
+mod requests;
+mod resources;
+mod rules;
 mod stall;
 mod stuck_io;
-mod verdict;
 
 pub use connections::ConnectionFindings;
 pub use deadlock::{DeadlockCycle, DeadlockFindings, DeadlockThread};
 pub use evidence::{fmt_time, Evidence, Hypothesis, Verdict, HYPOTHESES};
 pub use lock_wait::{LockWait, LockWaitFindings};
 pub use memory::MemoryFindings;
-pub use probe::{FailureWindow, ProbeSummary};
+pub use probe::{FailureWindow, ProbeEpisode, ProbeSummary};
+pub use requests::{Fate, QueuedBehind, RequestCounts, RequestFindings, WaitLocation};
+pub use resources::{
+    BlockingPool, ListenQueue, ResourceFindings, ResourceRun, SchedulerQueues, UnwakeableTask,
+};
+pub use rules::{Outcome, OutcomeKind};
 pub use stall::{StallEpisode, StallFindings};
 pub use stuck_io::{Innermost, StuckSpan, WaitsOn};
 
@@ -62,6 +70,13 @@ pub struct AnalyseConfig {
     pub stuck_threshold: Duration,
     /// An async lock wait counts once it has lasted this long.
     pub lock_wait_threshold: Duration,
+    /// A closed request without a response status counts as cancelled (its
+    /// client gave up) once it lasted this long. `None`: the probe's timeout
+    /// or the producer's open-span threshold, whichever is shorter, else
+    /// [`AnalyseConfig::DEFAULT_CANCELLED_AFTER`].
+    pub cancelled_after: Option<Duration>,
+    /// A task idle this long with no waker left can never be woken.
+    pub never_woken_threshold: Duration,
     /// RSS at or above this fraction of the memory limit confirms C.
     pub memory_near_limit: f64,
     /// Open fds at or above this fraction of the fd limit confirm E.
@@ -81,6 +96,11 @@ impl AnalyseConfig {
     pub const DEFAULT_STUCK_THRESHOLD: Duration = Duration::ZERO;
     /// Default async lock wait threshold: 5 s.
     pub const DEFAULT_LOCK_WAIT_THRESHOLD: Duration = Duration::from_secs(5);
+    /// Default cancelled-request age when neither the probe timeout nor the
+    /// producer's open-span threshold is known: 10 s.
+    pub const DEFAULT_CANCELLED_AFTER: Duration = Duration::from_secs(10);
+    /// Default never-woken threshold: 10 s.
+    pub const DEFAULT_NEVER_WOKEN_THRESHOLD: Duration = Duration::from_secs(10);
     /// Default memory fraction: 0.8.
     pub const DEFAULT_MEMORY_NEAR_LIMIT: f64 = 0.8;
     /// Default fd fraction: 0.9.
@@ -95,6 +115,8 @@ impl Default for AnalyseConfig {
             slow_call_threshold: Self::DEFAULT_SLOW_CALL_THRESHOLD,
             stuck_threshold: Self::DEFAULT_STUCK_THRESHOLD,
             lock_wait_threshold: Self::DEFAULT_LOCK_WAIT_THRESHOLD,
+            cancelled_after: None,
+            never_woken_threshold: Self::DEFAULT_NEVER_WOKEN_THRESHOLD,
             memory_near_limit: Self::DEFAULT_MEMORY_NEAR_LIMIT,
             fd_near_limit: Self::DEFAULT_FD_NEAR_LIMIT,
         }
@@ -136,8 +158,15 @@ pub struct Diagnosis {
     pub memory: MemoryFindings,
     /// fds, connections, accept errors, requests reaching the handler.
     pub connections: ConnectionFindings,
+    /// The runtime's resources: blocking pool, queues, listen queue, tasks
+    /// that can never be woken.
+    pub resources: ResourceFindings,
+    /// Every request of the failure window by fate, and where hung ones wait.
+    pub requests: RequestFindings,
     /// Verdicts, keyed `A` to `E`.
     pub hypotheses: std::collections::BTreeMap<String, Hypothesis>,
+    /// Healthy, explained or unexplained.
+    pub outcome: Outcome,
 }
 
 /// What a pass sees: the store, the thresholds, the analysed window, and
@@ -187,8 +216,9 @@ pub trait Pass: std::fmt::Debug {
     fn run(&self, cx: &mut Context<'_>) -> Result<(), ReadError>;
 }
 
-/// The passes, in order: stuck requests, probe (and the failure window),
-/// stall, deadlock, async lock wait, memory, connections, then the verdicts.
+/// The passes, in order: stuck requests, probe episodes (and the failure
+/// window), stall, deadlock, async lock wait, runtime resources, memory,
+/// connections, request fates, then the verdicts.
 pub fn standard_passes() -> Vec<Box<dyn Pass>> {
     vec![
         Box::new(stuck_io::StuckIo),
@@ -196,9 +226,11 @@ pub fn standard_passes() -> Vec<Box<dyn Pass>> {
         Box::new(stall::Stall),
         Box::new(deadlock::Deadlock),
         Box::new(lock_wait::LockWaitPass),
+        Box::new(resources::Resources),
         Box::new(memory::Memory),
         Box::new(connections::Connections),
-        Box::new(verdict::Verdicts),
+        Box::new(requests::Requests),
+        Box::new(rules::Verdicts),
     ]
 }
 

@@ -109,12 +109,22 @@ pub struct StuckSpan {
     pub innermost: Innermost,
     /// What it waits on.
     pub waits_on: WaitsOn,
+    /// `open` (still open at its last snapshot) or `cancelled` (closed
+    /// without a response after its client gave up).
+    pub fate: super::Fate,
     /// Ids of every open span of this request (to match stall reports).
     #[serde(skip)]
     pub member_ids: Vec<String>,
     /// Names of the open spans from the innermost up to the top.
     #[serde(skip)]
     pub path_names: Vec<String>,
+    /// The hung call it is queued behind, when it is idle in a scope that
+    /// call runs under.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queued_behind: Option<super::QueuedBehind>,
+    /// Its await chain from the task dump, outermost first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub await_chain: Vec<String>,
 }
 
 /// The pass.
@@ -228,7 +238,7 @@ fn depth(s: &SpanRow, by_id: &HashMap<&str, &SpanRow>) -> usize {
     d
 }
 
-fn stuck_span(top: &SpanRow, leaf: &SpanRow, open_spans: usize) -> StuckSpan {
+pub(crate) fn stuck_span(top: &SpanRow, leaf: &SpanRow, open_spans: usize) -> StuckSpan {
     let outbound = leaf.name == OUTBOUND_SPAN;
     let a = &leaf.attributes;
     let peer = if outbound {
@@ -277,12 +287,40 @@ fn stuck_span(top: &SpanRow, leaf: &SpanRow, open_spans: usize) -> StuckSpan {
             start_ns: leaf.start_ns,
         },
         waits_on,
+        fate: super::Fate::Open,
         member_ids: Vec::new(),
         path_names: Vec::new(),
+        queued_behind: None,
+        await_chain: Vec::new(),
     }
 }
 
 impl StuckSpan {
+    /// The outbound call it waits on, `peer `call``, e.g. ``auth_webhook `get_info` ``.
+    pub fn call_label(&self) -> String {
+        match &self.innermost.call {
+            Some(c) => format!("{} `{c}`", self.waits_on.as_str()),
+            None => self.waits_on.as_str().to_owned(),
+        }
+    }
+
+    /// The hypothesis its wait points at, directly or through the call it is
+    /// queued behind: an attestation call, or a guest-agent quote (`attest`,
+    /// `*quote*`), is A; an auth-webhook call is B.
+    pub fn peer_hypothesis(&self) -> Option<&'static str> {
+        let (peer, call) = match &self.queued_behind {
+            Some(q) => (q.peer, q.call.as_str()),
+            None => (self.waits_on, self.innermost.call.as_deref().unwrap_or("")),
+        };
+        let quote = call.contains("attest") || call.contains("quote");
+        match peer {
+            WaitsOn::Attestation => Some("A"),
+            WaitsOn::GuestAgent if quote => Some("A"),
+            WaitsOn::AuthWebhook => Some("B"),
+            _ => None,
+        }
+    }
+
     /// A one-line description: `GetMeta (trace 0af7…) open 42 s, waits on auth_webhook is_app_allowed at 10.0.2.2:8000`.
     pub fn describe(&self) -> String {
         let what = self.rpc_method.as_deref().unwrap_or(&self.name);
@@ -305,6 +343,14 @@ impl StuckSpan {
                 s
             }
         };
-        format!("{what} open {:.1} s, {wait}", self.open_ms as f64 / 1000.0)
+        let wait = match &self.queued_behind {
+            Some(q) => format!("{wait}, queued behind {} (trace {})", q.call, q.trace_id),
+            None => wait,
+        };
+        let how = match self.fate {
+            super::Fate::Cancelled => "cancelled after",
+            _ => "open",
+        };
+        format!("{what} {how} {:.1} s, {wait}", self.open_ms as f64 / 1000.0)
     }
 }

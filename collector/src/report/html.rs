@@ -59,6 +59,12 @@ pub fn render_html(report: &Report) -> String {
     );
     let _ = write!(
         o,
+        "<p id=\"outcome\" class=\"{}\"><b>{}</b></p>",
+        report.outcome.as_str(),
+        esc(&report.outcome_summary)
+    );
+    let _ = write!(
+        o,
         "<h1>KMS hang report</h1><div class=\"meta\">{} .. {}",
         esc(&report.window.from),
         esc(&report.window.to)
@@ -79,6 +85,25 @@ pub fn render_html(report: &Report) -> String {
         p.attempts, p.ok, p.failed
     );
 
+    if !report.wait_locations.is_empty() {
+        o.push_str("<h2>Where requests wait</h2><table id=\"waits\"><tr><th>Innermost span</th><th>Fate</th><th>Count</th><th>Longest</th><th>Await chain</th></tr>");
+        for w in &report.wait_locations {
+            let _ = write!(
+                o,
+                "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td></tr>",
+                esc(&w.span),
+                w.queued_behind
+                    .as_deref()
+                    .map(|q| format!(" (queued behind {})", esc(q)))
+                    .unwrap_or_default(),
+                w.fate.as_str(),
+                w.count,
+                w.longest_ms as f64 / 1000.0,
+                esc(&w.await_chain.join(" > "))
+            );
+        }
+        o.push_str("</table>");
+    }
     o.push_str("<h2>Verdicts</h2><table id=\"verdicts\"><tr><th></th><th>Hypothesis</th><th>Verdict</th><th>Culprit</th></tr>");
     for (letter, title) in HYPOTHESES {
         let Some(h) = report.hypotheses.get(letter) else {

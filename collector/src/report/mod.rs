@@ -22,8 +22,8 @@ use serde::Serialize;
 
 use crate::analyse::{
     analyse, fmt_time, AnalyseConfig, AnalyseError, ConnectionFindings, DeadlockFindings,
-    FailureWindow, Hypothesis, LockWaitFindings, MemoryFindings, ProbeSummary, StallFindings,
-    StuckSpan,
+    FailureWindow, Hypothesis, LockWaitFindings, MemoryFindings, OutcomeKind, ProbeSummary,
+    RequestCounts, RequestFindings, ResourceFindings, StallFindings, StuckSpan, WaitLocation,
 };
 use crate::store::{ReadError, Reader, SqliteReader, TimeWindow};
 
@@ -117,12 +117,26 @@ pub struct Findings {
     pub memory: MemoryFindings,
     /// fds and connections.
     pub connections: ConnectionFindings,
+    /// The runtime's resources.
+    pub resources: ResourceFindings,
+    /// Request fates, cancelled requests and their wait locations.
+    pub requests: RequestFindings,
 }
 
-/// The report. JSON names `hypotheses`, `stuck_spans` and `probe` are fixed
-/// by issue #3; the rest extends them.
+/// The report. JSON names `hypotheses`, `stuck_spans`, `probe` and
+/// `outcome` are a fixed interface; the rest extends them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
+    /// `healthy`, `explained` or `unexplained`.
+    pub outcome: OutcomeKind,
+    /// The outcome as one sentence (the first line of text and HTML).
+    pub outcome_summary: String,
+    /// Confirmed hypotheses, the cause first (e.g. `["B", "E"]`).
+    pub causes: Vec<String>,
+    /// Requests of the failure window by fate.
+    pub requests: RequestCounts,
+    /// Where hung (open or cancelled) requests wait, most first.
+    pub wait_locations: Vec<WaitLocation>,
     /// Verdicts keyed `A`..`E`.
     pub hypotheses: BTreeMap<String, Hypothesis>,
     /// Requests still open at their last snapshot, oldest first.
@@ -163,6 +177,11 @@ pub fn build_report(reader: &dyn Reader, opts: &ReportOptions) -> Result<Report,
     let d = analyse(reader, &opts.config, window)?;
     let timeline = Timeline::build(&d, window);
     Ok(Report {
+        outcome: d.outcome.kind,
+        outcome_summary: d.outcome.summary,
+        causes: d.outcome.causes,
+        requests: d.requests.counts.clone(),
+        wait_locations: d.requests.waits.clone(),
         hypotheses: d.hypotheses,
         stuck_spans: d.stuck,
         probe: d.probe,
@@ -180,6 +199,8 @@ pub fn build_report(reader: &dyn Reader, opts: &ReportOptions) -> Result<Report,
             lock_wait: d.lock_wait,
             memory: d.memory,
             connections: d.connections,
+            resources: d.resources,
+            requests: d.requests,
         },
         timeline,
     })

@@ -21,7 +21,8 @@ const MAX_LISTED: usize = 20;
 pub fn render_text(report: &Report) -> String {
     let mut o = String::new();
     let w = &report.window;
-    let _ = writeln!(o, "KMS hang report");
+    let _ = writeln!(o, "{}", report.outcome_summary);
+    let _ = writeln!(o, "\nKMS hang report");
     if w.empty {
         let _ = writeln!(o, "  The store is empty: nothing received yet.");
     } else {
@@ -71,6 +72,63 @@ pub fn render_text(report: &Report) -> String {
     } else {
         let _ = writeln!(o, "  probe    no probe attempts stored");
     }
+    for ep in &p.episodes {
+        let classes = ep
+            .classes
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            o,
+            "  episode  {} .. {} ({classes})",
+            ep.start,
+            match &ep.end {
+                Some(e) => format!("recovered at {e}"),
+                None => "still failing".to_owned(),
+            }
+        );
+    }
+    if p.not_up_yet > 0 {
+        let _ = writeln!(
+            o,
+            "  not up   {} failed attempts before the KMS first answered (not a failure)",
+            p.not_up_yet
+        );
+    }
+    let r = &report.requests;
+    if report.failure_window.is_some() {
+        let _ = writeln!(
+            o,
+            "  requests in the failure window: {} completed, {} failed, {} cancelled, {} open",
+            r.completed, r.failed, r.cancelled, r.open
+        );
+    }
+    if !report.wait_locations.is_empty() {
+        let _ = writeln!(o, "\nWhere requests wait");
+        let _ = writeln!(
+            o,
+            "  {:<48} {:<10} {:>6} {:>10}",
+            "innermost span", "fate", "count", "longest"
+        );
+        for wl in &report.wait_locations {
+            let _ = writeln!(
+                o,
+                "  {:<48} {:<10} {:>6} {:>9.1}s{}",
+                wl.span,
+                wl.fate.as_str(),
+                wl.count,
+                wl.longest_ms as f64 / 1000.0,
+                wl.queued_behind
+                    .as_deref()
+                    .map(|q| format!("  queued behind {q}"))
+                    .unwrap_or_default()
+            );
+            if !wl.await_chain.is_empty() {
+                let _ = writeln!(o, "      await chain: {}", wl.await_chain.join(" > "));
+            }
+        }
+    }
     let _ = writeln!(o, "\nVerdicts");
     for (letter, title) in HYPOTHESES {
         let Some(h) = report.hypotheses.get(letter) else {
@@ -102,6 +160,9 @@ pub fn render_text(report: &Report) -> String {
             s.span_id,
             s.describe()
         );
+        if !s.await_chain.is_empty() {
+            let _ = writeln!(o, "      await chain: {}", s.await_chain.join(" > "));
+        }
     }
     if report.stuck_spans.len() > MAX_LISTED {
         let _ = writeln!(
