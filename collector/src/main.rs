@@ -13,7 +13,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Receive OTLP, store it, forward it, record tokio-console, poll GetMeta.
-    Serve(kms_collector::serve::ServeArgs),
+    Serve(Box<kms_collector::serve::ServeArgs>),
     /// Diagnose the stored data: which hypothesis (A-E) explains the hang.
     Report(kms_collector::report::ReportArgs),
     /// Export stored traces as Jaeger JSON or OTLP JSON.
@@ -26,7 +26,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => kms_collector::serve::run(args).await,
+        Command::Serve(args) => kms_collector::serve::run(*args).await,
         Command::Report(args) => kms_collector::report::run(args).await,
         Command::Export(args) => kms_collector::export::run(args).await,
         Command::Probe(args) => kms_collector::probe::run(args).await,

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use futures::StreamExt as _;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
     LogsService, LogsServiceServer,
 };
@@ -23,9 +24,13 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
+use super::auth::RejectReason;
+use super::conn;
 use super::{Accepted, Ingest, IngestError, ReceiverStats, RETRY_AFTER_SECS};
 
 fn status(e: IngestError) -> Status {
@@ -116,41 +121,79 @@ fn map_codec_status<B>(stats: &ReceiverStats, mut res: http::Response<B>) -> htt
     res
 }
 
-/// Serves OTLP/gRPC on `listener` until `shutdown` completes.
+/// Protocols the gRPC port offers in the TLS handshake.
+pub(crate) const ALPN: &[&[u8]] = &[b"h2"];
+
+/// Refuses calls without the token before their message is read.
+#[derive(Debug, Clone)]
+struct Authorize(Arc<Ingest>);
+
+impl tonic::service::Interceptor for Authorize {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        let peer = request.remote_addr().map(|a| a.ip());
+        match self.0.authorize(authorization, peer, "grpc") {
+            Ok(()) => Ok(request),
+            Err(RejectReason::WrongToken) => {
+                Err(Status::unauthenticated("the bearer token is not valid"))
+            }
+            Err(_) => Err(Status::unauthenticated(
+                "an `authorization: Bearer <token>` header is required",
+            )),
+        }
+    }
+}
+
+/// Serves OTLP/gRPC on `listener` (TLS when `tls` is given) until
+/// `shutdown` completes.
 pub(crate) async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     ingest: Arc<Ingest>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let limits = ingest.limits();
     let max = limits.grpc_max_message;
     let svc = Svc(ingest.clone());
+    let auth = Authorize(ingest.clone());
+    let incoming = conn::incoming(
+        listener,
+        limits.read_timeout,
+        tls,
+        ingest.rejections().clone(),
+    )
+    .map(|accepted| accepted.map(|(io, _peer)| io));
     let map_status = move |res| map_codec_status(ingest.stats(), res);
-    let incoming = super::idle::incoming(listener, limits.read_timeout);
     tonic::transport::Server::builder()
         // The whole call: reading the request and waiting for its commit.
         .timeout(limits.read_timeout + limits.commit_timeout)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .layer(tower::util::MapResponseLayer::new(map_status))
-        .add_service(
+        .add_service(InterceptedService::new(
             TraceServiceServer::new(svc.clone())
                 .accept_compressed(CompressionEncoding::Gzip)
                 .send_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(max),
-        )
-        .add_service(
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
             LogsServiceServer::new(svc.clone())
                 .accept_compressed(CompressionEncoding::Gzip)
                 .send_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(max),
-        )
-        .add_service(
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
             MetricsServiceServer::new(svc)
                 .accept_compressed(CompressionEncoding::Gzip)
                 .send_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(max),
-        )
+            auth,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

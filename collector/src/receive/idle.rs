@@ -14,9 +14,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
@@ -105,26 +104,4 @@ impl Connected for FirstByteDeadline {
     fn connect_info(&self) -> Self::ConnectInfo {
         self.inner.connect_info()
     }
-}
-
-/// Accepts connections from `listener`, each wrapped with a first-byte
-/// deadline of `within`.
-pub(crate) fn incoming(
-    listener: TcpListener,
-    within: Duration,
-) -> impl Stream<Item = io::Result<FirstByteDeadline>> {
-    futures::stream::unfold(listener, move |listener| async move {
-        let accepted = match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                Ok(FirstByteDeadline::new(stream, within))
-            }
-            Err(e) => {
-                // e.g. EMFILE: back off instead of spinning.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Err(e)
-            }
-        };
-        Some((accepted, listener))
-    })
 }

@@ -7,12 +7,24 @@
 //! and retries; a retried export is stored once (the store is idempotent).
 //! After the commit, the request is offered to the forwarder, which never
 //! blocks.
+//!
+//! Before any of that, both ports may ask for a bearer token ([`auth`]) and
+//! speak TLS ([`conn`]); refused attempts are counted per sender and stored
+//! as `kms.collector.rejected` events ([`rejected`]).
 
+pub(crate) mod auth;
+pub(crate) mod conn;
 pub(crate) mod convert;
 pub(crate) mod grpc;
 pub(crate) mod http;
 mod idle;
+pub mod rejected;
 
+pub use auth::{Token, TokenError};
+pub use conn::{TlsError, TlsFiles};
+pub use rejected::REJECTED_EVENT;
+
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,6 +36,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use crate::forward::{ForwardItem, Forwarder};
 use crate::store::encoded::EncodedBatch;
 use crate::store::{Record, StoreHandle, SubmitError};
+use auth::RejectReason;
+use rejected::Rejections;
 
 /// How long a client may take to send its request headers (HTTP) or its
 /// whole request (both), by default.
@@ -56,6 +70,7 @@ pub struct ReceiverStats {
     requests_malformed: AtomicU64,
     requests_refused: AtomicU64,
     requests_failed: AtomicU64,
+    requests_unauthenticated: AtomicU64,
     spans_received: AtomicU64,
     spans_rejected: AtomicU64,
     spans_stored: AtomicU64,
@@ -74,6 +89,10 @@ pub struct ReceiverCounts {
     pub requests_refused: u64,
     /// Requests whose commit failed or timed out (503 / `UNAVAILABLE`).
     pub requests_failed: u64,
+    /// Requests refused for no or a wrong token (401 / `UNAUTHENTICATED`).
+    /// Per sender, with failed TLS handshakes, in the
+    /// `kms.collector.rejected` events.
+    pub requests_unauthenticated: u64,
     /// Spans in decoded requests, valid or not.
     pub spans_received: u64,
     /// Spans rejected for invalid ids (reported in `partial_success`).
@@ -95,6 +114,10 @@ impl ReceiverCounts {
             ("receiver.requests_malformed", self.requests_malformed),
             ("receiver.requests_refused", self.requests_refused),
             ("receiver.requests_failed", self.requests_failed),
+            (
+                "receiver.requests_unauthenticated",
+                self.requests_unauthenticated,
+            ),
             ("receiver.spans_received", self.spans_received),
             ("receiver.spans_rejected", self.spans_rejected),
             ("receiver.spans_stored", self.spans_stored),
@@ -116,6 +139,7 @@ impl ReceiverStats {
             requests_malformed: g(&self.requests_malformed),
             requests_refused: g(&self.requests_refused),
             requests_failed: g(&self.requests_failed),
+            requests_unauthenticated: g(&self.requests_unauthenticated),
             spans_received: g(&self.spans_received),
             spans_rejected: g(&self.spans_rejected),
             spans_stored: g(&self.spans_stored),
@@ -147,13 +171,16 @@ pub(crate) enum IngestError {
     Unavailable(String),
 }
 
-/// The shared path of both receivers: convert, store, wait, forward.
+/// The shared path of both receivers: authorize, convert, store, wait,
+/// forward.
 #[derive(Debug)]
 pub(crate) struct Ingest {
     store: StoreHandle,
     forward: Option<Forwarder>,
     stats: Arc<ReceiverStats>,
     limits: Limits,
+    token: Option<Token>,
+    rejections: Arc<Rejections>,
 }
 
 pub(crate) fn now_ns() -> i64 {
@@ -169,13 +196,44 @@ impl Ingest {
         forward: Option<Forwarder>,
         stats: Arc<ReceiverStats>,
         limits: Limits,
+        token: Option<Token>,
+        rejections: Arc<Rejections>,
     ) -> Self {
         Ingest {
             store,
             forward,
             stats,
             limits,
+            token,
+            rejections,
         }
+    }
+
+    /// Checks the request's `authorization` header against the token, if
+    /// one is required; a refusal is counted against `peer` (and logged the
+    /// first time, without the header's value).
+    pub(crate) fn authorize(
+        &self,
+        authorization: Option<&[u8]>,
+        peer: Option<IpAddr>,
+        protocol: &'static str,
+    ) -> Result<(), RejectReason> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        token.check(authorization).inspect_err(|reason| {
+            self.stats
+                .requests_unauthenticated
+                .fetch_add(1, Ordering::Relaxed);
+            if self.rejections.record(peer, *reason, now_ns()) {
+                let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+                tracing::warn!(%peer, protocol, reason = reason.as_str(), "Refused an OTLP export without a valid token; counting further ones from this sender.");
+            }
+        })
+    }
+
+    pub(crate) fn rejections(&self) -> &Arc<Rejections> {
+        &self.rejections
     }
 
     pub(crate) fn stats(&self) -> &ReceiverStats {

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+pub use crate::receive::{TlsFiles, Token, TokenError};
 pub use server::{ServeError, Server, ServerConfig, ServerHandle};
 pub use sinks::StoreSink;
 
@@ -70,6 +71,18 @@ pub struct ServeArgs {
     /// 503 / UNAVAILABLE with Retry-After and retry.
     #[arg(long, default_value_t = crate::store::DEFAULT_QUEUE_CAPACITY, env = "KMS_COLLECTOR_STORE_QUEUE")]
     pub store_queue: usize,
+    /// File holding the token both OTLP ports then require as
+    /// `authorization: Bearer <token>` (e.g. from `openssl rand -hex 32`).
+    /// Without it anyone who reaches the ports can write evidence: serve
+    /// beyond loopback only with a token. The token is never logged.
+    #[arg(long, env = "KMS_COLLECTOR_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate chain: serve TLS on both OTLP ports (with --tls-key).
+    #[arg(long, env = "KMS_COLLECTOR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KMS_COLLECTOR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// A duration, or none (`off`).
@@ -117,9 +130,25 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 impl ServeArgs {
     /// The server configuration these flags describe.
-    pub fn config(&self) -> ServerConfig {
+    ///
+    /// # Errors
+    ///
+    /// When the token file cannot be read or holds no usable token.
+    pub fn config(&self) -> Result<ServerConfig, TokenError> {
         let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
-        ServerConfig::default()
+        let token = self
+            .token_file
+            .as_deref()
+            .map(Token::from_file)
+            .transpose()?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        Ok(ServerConfig::default()
             .db(self.db.clone())
             .otlp_grpc(self.otlp_grpc)
             .otlp_http(self.otlp_http)
@@ -139,6 +168,8 @@ impl ServeArgs {
             .grpc_max_message(to_usize(self.grpc_max_message))
             .read_timeout(self.read_timeout)
             .store_queue(self.store_queue)
+            .token(token)
+            .tls(tls))
     }
 }
 
@@ -178,7 +209,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    let config = args.config();
+    let config = args.config().context("loading the OTLP token")?;
     let server = Server::start(config)
         .await
         .with_context(|| format!("starting the collector with store {}", args.db.display()))?;

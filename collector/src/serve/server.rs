@@ -13,7 +13,8 @@ use tokio::task::JoinHandle;
 
 use crate::forward::{ForwardConfig, ForwardCounts, ForwardError, Forwarder};
 use crate::probe::{ProbeConfig, ProbeError, ProbeHandle};
-use crate::receive::{self, Ingest, Limits, ReceiverCounts, ReceiverStats};
+use crate::receive::rejected::Rejections;
+use crate::receive::{self, Ingest, Limits, ReceiverCounts, ReceiverStats, TlsFiles, Token};
 use crate::store::{Record, Retention, SqliteStore, StoreError, StoreHandle, StoreStage, Writer};
 
 /// Everything `serve` can be told. `Clone + Debug + Default`; consuming setters.
@@ -51,6 +52,8 @@ pub struct ServerConfig {
     pub(crate) commit_timeout: Duration,
     pub(crate) store_queue: usize,
     pub(crate) store_max_group: usize,
+    pub(crate) token: Option<Token>,
+    pub(crate) tls: Option<TlsFiles>,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +77,8 @@ impl Default for ServerConfig {
             commit_timeout: receive::DEFAULT_COMMIT_TIMEOUT,
             store_queue: crate::store::DEFAULT_QUEUE_CAPACITY,
             store_max_group: crate::store::DEFAULT_MAX_GROUP,
+            token: None,
+            tls: None,
         }
     }
 }
@@ -182,6 +187,23 @@ impl ServerConfig {
         self.store_queue = requests.max(1);
         self
     }
+
+    /// Require `authorization: Bearer <token>` on both OTLP ports (default:
+    /// none, which is for loopback only). Refused exports get HTTP 401 /
+    /// gRPC `UNAUTHENTICATED` and are stored per sender as
+    /// [`REJECTED_EVENT`](crate::receive::REJECTED_EVENT) events.
+    /// `serve --token-file`, `KMS_COLLECTOR_TOKEN_FILE`.
+    pub fn token(mut self, token: Option<Token>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// Serve TLS on both OTLP ports with this certificate and key (default:
+    /// plain text). `serve --tls-cert`, `--tls-key`.
+    pub fn tls(mut self, files: Option<TlsFiles>) -> Self {
+        self.tls = files;
+        self
+    }
 }
 
 /// Why the server could not start or stop cleanly.
@@ -220,6 +242,9 @@ pub enum ServeError {
     /// The console recorder could not be started.
     #[error(transparent)]
     Console(#[from] crate::console::ConsoleError),
+    /// The TLS certificate or key is not usable.
+    #[error(transparent)]
+    Tls(#[from] crate::receive::TlsError),
     /// The store stage did not finish its last commits in time.
     #[error("the store did not flush within {0:?}")]
     FlushTimeout(Duration),
@@ -244,6 +269,7 @@ pub struct ServerHandle {
     store: StoreHandle,
     stage: StoreStage,
     stats: Arc<ReceiverStats>,
+    rejections: Arc<Rejections>,
 }
 
 /// How long shutdown waits for requests in flight, then for the store.
@@ -301,6 +327,20 @@ impl Server {
         };
         let grpc_addr = bound(&grpc, "otlp-grpc", config.otlp_grpc)?;
         let http_addr = bound(&http, "otlp-http", config.otlp_http)?;
+        let (grpc_tls, http_tls) = match &config.tls {
+            Some(files) => (
+                Some(files.acceptor(receive::grpc::ALPN)?),
+                Some(files.acceptor(receive::http::ALPN)?),
+            ),
+            None => (None, None),
+        };
+        if config.token.is_none() {
+            for addr in [grpc_addr, http_addr] {
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(%addr, "OTLP is served beyond loopback without a token: anyone who reaches this address can write evidence. Give serve --token-file.");
+                }
+            }
+        }
 
         let (stage, store) = StoreStage::spawn(writer, config.store_queue, config.store_max_group)
             .map_err(ServeError::Thread)?;
@@ -322,6 +362,7 @@ impl Server {
         };
 
         let stats = Arc::new(ReceiverStats::default());
+        let rejections = Arc::new(Rejections::default());
         let limits = Limits {
             http_max_body: config.http_max_body,
             grpc_max_message: config.grpc_max_message,
@@ -333,6 +374,8 @@ impl Server {
             forward.as_ref().map(|(f, _)| f.clone()),
             stats.clone(),
             limits,
+            config.token.clone(),
+            rejections.clone(),
         ));
 
         let (stop, stopped) = watch::channel(false);
@@ -344,7 +387,7 @@ impl Server {
             let ingest = ingest.clone();
             let shutdown = until_stopped(stopped.clone());
             receivers.push(tokio::spawn(async move {
-                if let Err(e) = receive::grpc::serve(grpc, ingest, shutdown).await {
+                if let Err(e) = receive::grpc::serve(grpc, grpc_tls, ingest, shutdown).await {
                     tracing::error!(error = %e, "The OTLP/gRPC receiver stopped.");
                 }
             }));
@@ -352,7 +395,7 @@ impl Server {
         {
             let shutdown = until_stopped(stopped.clone());
             receivers.push(tokio::spawn(receive::http::serve(
-                http, ingest, shutdown, GRACE,
+                http, http_tls, ingest, shutdown, GRACE,
             )));
         }
 
@@ -366,6 +409,7 @@ impl Server {
             tokio::spawn(stats_loop(
                 store.clone(),
                 stats.clone(),
+                rejections.clone(),
                 forward.as_ref().map(|(f, _)| f.clone()),
                 config.stats_interval,
                 stopped,
@@ -385,24 +429,45 @@ impl Server {
             store,
             stage,
             stats,
+            rejections,
         })
     }
 }
 
-fn stats_record(stats: &ReceiverStats, forward: Option<&Forwarder>) -> Record {
+/// The counters, and the rejected attempts since the last call as
+/// `kms.collector.rejected` events.
+fn stats_records(
+    stats: &ReceiverStats,
+    rejections: &Rejections,
+    forward: Option<&Forwarder>,
+) -> Vec<Record> {
+    let now = receive::now_ns();
     let mut values = stats.snapshot().pairs();
     if let Some(f) = forward {
         values.extend(f.stats().pairs());
     }
-    Record::Stats {
-        time_ns: receive::now_ns(),
+    values.push((
+        "receiver.rejected_attempts".to_owned(),
+        i64::try_from(rejections.total()).unwrap_or(i64::MAX),
+    ));
+    let mut records = vec![Record::Stats {
+        time_ns: now,
         values,
+    }];
+    let events = rejections.take_rows(now);
+    if !events.is_empty() {
+        records.push(Record::Batch(crate::store::Batch {
+            events,
+            ..Default::default()
+        }));
     }
+    records
 }
 
 async fn stats_loop(
     store: StoreHandle,
     stats: Arc<ReceiverStats>,
+    rejections: Arc<Rejections>,
     forward: Option<Forwarder>,
     every: Duration,
     mut stopped: watch::Receiver<bool>,
@@ -415,7 +480,7 @@ async fn stats_loop(
             _ = stopped.wait_for(|s| *s) => return,
         }
         if let Err(e) = store
-            .write(vec![stats_record(&stats, forward.as_ref())])
+            .write(stats_records(&stats, &rejections, forward.as_ref()))
             .await
         {
             tracing::warn!(error = %e, "Storing the collector's counters failed.");
@@ -505,7 +570,11 @@ impl ServerHandle {
         let forwarder = self.forward.as_ref().map(|(f, _)| f.clone());
         let _ = self
             .store
-            .write(vec![stats_record(&self.stats, forwarder.as_ref())])
+            .write(stats_records(
+                &self.stats,
+                &self.rejections,
+                forwarder.as_ref(),
+            ))
             .await;
         drop(forwarder);
         if let Some((f, task)) = self.forward {
