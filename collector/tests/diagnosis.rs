@@ -38,6 +38,23 @@ fn check_fixture(name: &str, f: &fixture::Fixture) -> Vec<String> {
             ));
         }
     }
+    if let Some(want) = &f.expect_outcome {
+        if report.outcome.as_str() != want {
+            problems.push(format!(
+                "{name}: outcome is {}, expected {want}: {}",
+                report.outcome.as_str(),
+                report.outcome_summary
+            ));
+        }
+    }
+    if let Some(want) = &f.expect_causes {
+        if &report.causes != want {
+            problems.push(format!(
+                "{name}: causes are {:?}, expected {want:?}: {}",
+                report.causes, report.outcome_summary
+            ));
+        }
+    }
     // Every confirmed verdict cites evidence; every inconclusive one says what is missing.
     for (h, hyp) in &report.hypotheses {
         if hyp.evidence.is_empty() {
@@ -59,6 +76,16 @@ fn check_fixture(name: &str, f: &fixture::Fixture) -> Vec<String> {
     for h in ["A", "B", "C", "D", "E"] {
         if !text.contains(&format!("  {h}  ")) {
             problems.push(format!("{name}: text report lacks hypothesis {h}"));
+        }
+    }
+    for want in &f.expect_text {
+        if !text.contains(want.as_str()) {
+            problems.push(format!("{name}: text report lacks {want:?}:\n{text}"));
+        }
+    }
+    for bad in &f.forbid_text {
+        if text.contains(bad.as_str()) {
+            problems.push(format!("{name}: text report says {bad:?}:\n{text}"));
         }
     }
     let golden = fixture::golden_dir().join(format!("{name}.json"));
