@@ -10,9 +10,9 @@ mod support;
 
 use std::path::PathBuf;
 
-use kms_twin::fault::Fault;
+use kms_twin::lab::cases::Case;
 use kms_twin::lab::expect::{judge, verdict};
-use kms_twin::lab::scenario::{files, run_scenario, LabConfig, ScenarioResult};
+use kms_twin::lab::scenario::{files, run_case, LabConfig, ScenarioResult};
 use kms_twin::secrets;
 use serde_json::Value;
 
@@ -23,18 +23,19 @@ fn config() -> LabConfig {
     }
 }
 
-/// Runs `fault` through the lab and checks what every run must satisfy: a
-/// settled verdict, the expected judgement, and no planted secret in the
-/// stored or exported telemetry.
-async fn lab(fault: Fault) -> ScenarioResult {
-    let result = run_scenario(fault, &config(), None)
+/// Runs the case `name` through the lab and checks what every run must
+/// satisfy: a settled verdict, the expected judgement, and no planted secret
+/// in the stored or exported telemetry.
+async fn lab(name: &str) -> ScenarioResult {
+    let case = Case::by_name(name).expect("a lab case");
+    let result = run_case(&case, &config(), None)
         .await
-        .unwrap_or_else(|e| panic!("lab run with {fault}: {e:#}"));
+        .unwrap_or_else(|e| panic!("lab run of {name}: {e:#}"));
     assert_no_secrets(&result);
-    let judgement = judge(fault, &result.report);
+    let judgement = judge(&result.case, &result.report);
     assert!(
         judgement.ok() && !result.timed_out,
-        "{fault}: {}{}{}\n\n{}",
+        "{name}: {}{}{}\n\n{}",
         judgement.problems.join("; "),
         if result.timed_out {
             " (verdicts never settled)"
@@ -108,7 +109,7 @@ fn stuck_on(report: &Value, waits_on: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_fault_no_hang_nothing_confirmed() {
-    let result = lab(Fault::None).await;
+    let result = lab("none").await;
     let r = &result.report;
     assert!(r["failure_window"].is_null(), "{}", result.report_text);
     assert_eq!(r["probe"]["failed"], 0, "{}", result.report_text);
@@ -117,7 +118,7 @@ async fn no_fault_no_hang_nothing_confirmed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pccs_hang_is_a_not_d() {
-    let result = lab(Fault::PccsHang).await;
+    let result = lab("pccs-hang").await;
     let r = &result.report;
     assert!(stuck_on(r, "attestation") >= 1, "{}", result.report_text);
     let cited = evidence_of_kind(r, "A", "stuck_outbound");
@@ -136,7 +137,7 @@ async fn pccs_hang_is_a_not_d() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_hang_is_b_not_d() {
-    let result = lab(Fault::WebhookHang).await;
+    let result = lab("webhook-hang").await;
     let r = &result.report;
     assert!(stuck_on(r, "auth_webhook") >= 1, "{}", result.report_text);
     assert_eq!(
@@ -152,7 +153,7 @@ async fn webhook_hang_is_b_not_d() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_leak_is_c_not_d() {
-    let result = lab(Fault::MemoryLeak).await;
+    let result = lab("memory-leak").await;
     assert!(
         !evidence_of_kind(&result.report, "C", "rss").is_empty(),
         "{}",
@@ -162,7 +163,7 @@ async fn memory_leak_is_c_not_d() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_worker_is_d_naming_the_worker_and_span() {
-    let result = lab(Fault::BlockingWorker).await;
+    let result = lab("blocking-worker").await;
     let r = &result.report;
     let stalls = evidence_of_kind(r, "D", "poll_stall");
     assert!(
@@ -181,7 +182,7 @@ async fn blocking_worker_is_d_naming_the_worker_and_span() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_deadlock_is_d_naming_the_locks() {
-    let result = lab(Fault::AsyncDeadlock).await;
+    let result = lab("async-deadlock").await;
     let r = &result.report;
     assert!(
         !evidence_of_kind(r, "D", "lock_cycle").is_empty(),
@@ -214,7 +215,7 @@ async fn async_deadlock_is_d_naming_the_locks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_deadlock_is_d_naming_both_threads() {
-    let result = lab(Fault::SyncDeadlock).await;
+    let result = lab("sync-deadlock").await;
     let r = &result.report;
     let cycles = evidence_of_kind(r, "D", "deadlock");
     assert!(
@@ -233,7 +234,7 @@ async fn sync_deadlock_is_d_naming_both_threads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fd_exhaustion_is_e_not_d() {
-    let result = lab(Fault::FdExhaustion).await;
+    let result = lab("fd-exhaustion").await;
     let r = &result.report;
     let e = evidence(r, "E");
     assert!(

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use kms_twin::fault::Fault;
+use kms_twin::lab::cases::Case;
 use kms_twin::lab::expect::judge;
 use kms_twin::lab::matrix::{render_table, run_matrix};
-use kms_twin::lab::scenario::{run_scenario, LabConfig};
+use kms_twin::lab::scenario::{run_case, LabConfig};
 
 /// Reproduce a KMS hang of each kind and show what the collector concludes.
 #[derive(Debug, Parser)]
@@ -22,12 +22,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// One fault: warm up, inject, wait for the hang and a stable report, print it.
+    /// One case: warm up, inject, wait for the hang and a stable report, print it.
     Run {
-        /// The fault: none, pccs-hang, webhook-hang, memory-leak,
-        /// blocking-worker, async-deadlock, sync-deadlock, fd-exhaustion.
-        #[arg(long)]
-        fault: Fault,
+        /// The case: a fault's name (none, pccs-hang, webhook-hang, ...,
+        /// see the crate docs), bursty-load or collector-first.
+        #[arg(long, alias = "case")]
+        fault: Case,
         /// Keep the database there, with the HTML report and the Jaeger export.
         #[arg(long)]
         keep: Option<PathBuf>,
@@ -37,17 +37,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Every fault, then a table of verdicts; exits non-zero if any row is wrong.
+    /// Every case, then a table of verdicts; exits non-zero if any row is wrong.
     Matrix {
         /// Runs at the same time (each is a collector, a twin and its load).
         #[arg(long, default_value_t = 4, env = "KMS_LAB_JOBS")]
         jobs: usize,
-        /// Keep one directory per fault there.
+        /// Keep one directory per case there.
         #[arg(long)]
         keep: Option<PathBuf>,
-        /// Only these faults (comma-separated).
+        /// Only these cases (comma-separated).
         #[arg(long, value_delimiter = ',')]
-        only: Vec<Fault>,
+        only: Vec<Case>,
         #[command(flatten)]
         common: Common,
     },
@@ -114,17 +114,18 @@ async fn lab(command: Command) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let config = common.config()?;
-            let result = run_scenario(fault, &config, keep.as_deref())
+            let result = run_case(&fault, &config, keep.as_deref())
                 .await
-                .with_context(|| format!("running the lab with fault {fault}"))?;
+                .with_context(|| format!("running the lab case {fault}"))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&result.report)?);
             } else {
                 println!("{}", result.report_text);
-                let j = judge(fault, &result.report);
+                let j = judge(&fault, &result.report);
                 println!(
-                    "fault {fault}: expected {}; D {}; confirmed {}; {}",
+                    "case {fault}: expected {}; outcome {}; D {}; confirmed {}; {}",
                     j.expected,
+                    j.outcome,
                     j.d_verdict,
                     if j.confirmed.is_empty() {
                         "nothing".to_owned()
@@ -150,12 +151,12 @@ async fn lab(command: Command) -> anyhow::Result<ExitCode> {
             common,
         } => {
             let config = common.config()?;
-            let faults = if only.is_empty() {
-                Fault::ALL.to_vec()
+            let cases = if only.is_empty() {
+                Case::ALL.to_vec()
             } else {
                 only
             };
-            let rows = run_matrix(&faults, &config, jobs, keep.as_deref()).await;
+            let rows = run_matrix(&cases, &config, jobs, keep.as_deref()).await;
             print!("{}", render_table(&rows));
             Ok(if rows.iter().all(|r| r.ok()) {
                 ExitCode::SUCCESS

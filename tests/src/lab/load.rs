@@ -1,5 +1,6 @@
-//! Background load: CVMs booting. Every period, one wave of `GetAppKey`,
-//! `SignCert` and `GetTempCaCert` calls sent at the same time, each given
+//! Background load: CVMs booting. Every period, one wave of calls (by
+//! default `GetAppKey`, `SignCert` and `GetTempCaCert`; each case may choose
+//! its own, see [`crate::lab::cases`]) sent at the same time, each given
 //! up after its deadline (a CVM retries later; an abandoned HTTP/1.1 request
 //! leaves its socket in `CLOSE_WAIT` on the KMS side, as upstream observed).
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::lab::cases::BOOT_WAVE;
 use crate::lab::client::{CallOutcome, KmsClient};
 use crate::twin::rpc::Rpc;
 
@@ -54,13 +56,22 @@ impl Drop for Load {
     }
 }
 
-/// The methods of one wave: two that share locks (so a lock-order bug meets
-/// its other half) and one that does no I/O.
-const WAVE: [Rpc; 3] = [Rpc::GetAppKey, Rpc::SignCert, Rpc::GetTempCaCert];
-
 impl Load {
-    /// Starts sending a wave every `period`; each call gives up after `deadline`.
+    /// Starts sending a wave of [`BOOT_WAVE`] every `period`; each call gives
+    /// up after `deadline`.
     pub fn start(client: KmsClient, period: Duration, deadline: Duration) -> Load {
+        Load::start_with(client, BOOT_WAVE, 1, period, deadline)
+    }
+
+    /// Starts sending `repeat` waves of `wave` at once every `period` (a
+    /// burst when `repeat` is above 1); each call gives up after `deadline`.
+    pub fn start_with(
+        client: KmsClient,
+        wave: &'static [Rpc],
+        repeat: usize,
+        period: Duration,
+        deadline: Duration,
+    ) -> Load {
         let stats = Arc::new(LoadStats::default());
         let counters = stats.clone();
         let task = tokio::spawn(async move {
@@ -70,7 +81,7 @@ impl Load {
             loop {
                 tick.tick().await;
                 while calls.try_join_next().is_some() {}
-                for rpc in WAVE {
+                for &rpc in wave.iter().cycle().take(wave.len() * repeat.max(1)) {
                     let (client, counters) = (client.clone(), counters.clone());
                     counters.sent.fetch_add(1, Ordering::Relaxed);
                     calls.spawn(async move {

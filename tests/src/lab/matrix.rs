@@ -1,18 +1,18 @@
-//! `kms-lab matrix`: every fault, a few at a time, then one table.
+//! `kms-lab matrix`: every case, a few at a time, then one table.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::fault::Fault;
+use crate::lab::cases::Case;
 use crate::lab::expect::{judge, Judgement};
-use crate::lab::scenario::{run_scenario, LabConfig};
+use crate::lab::scenario::{run_case, LabConfig};
 
 /// One row of the matrix.
 #[derive(Debug)]
 pub struct Row {
-    /// The fault.
-    pub fault: Fault,
+    /// The case.
+    pub case: Case,
     /// The judgement of its report (`None` when the run itself failed).
     pub judgement: Option<Judgement>,
     /// Time from injection to the final verdict.
@@ -30,25 +30,25 @@ impl Row {
     }
 }
 
-/// Runs `faults`, at most `jobs` at a time; `keep`: one sub-directory per
-/// fault there.
+/// Runs `cases`, at most `jobs` at a time; `keep`: one sub-directory per
+/// case there.
 pub async fn run_matrix(
-    faults: &[Fault],
+    cases: &[Case],
     config: &LabConfig,
     jobs: usize,
     keep: Option<&Path>,
 ) -> Vec<Row> {
     let permits = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
     let mut runs = tokio::task::JoinSet::new();
-    for (index, &fault) in faults.iter().enumerate() {
+    for (index, &case) in cases.iter().enumerate() {
         let (permits, config) = (permits.clone(), config.clone());
-        let keep = keep.map(|k| k.join(fault.name()));
+        let keep = keep.map(|k| k.join(case.name));
         runs.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let row = match run_scenario(fault, &config, keep.as_deref()).await {
+            let row = match run_case(&case, &config, keep.as_deref()).await {
                 Ok(result) => Row {
-                    fault,
-                    judgement: Some(judge(fault, &result.report)),
+                    case,
+                    judgement: Some(judge(&case, &result.report)),
                     verdict_after: result.verdict_after,
                     error: result
                         .timed_out
@@ -56,7 +56,7 @@ pub async fn run_matrix(
                     console_sees_handlers: result.console_sees_handlers,
                 },
                 Err(e) => Row {
-                    fault,
+                    case,
                     judgement: None,
                     verdict_after: None,
                     error: Some(format!("{e:#}")),
@@ -79,31 +79,33 @@ pub async fn run_matrix(
 /// The matrix as a text table, then one line per problem.
 pub fn render_table(rows: &[Row]) -> String {
     let header = [
-        "fault",
+        "case",
         "expected",
+        "outcome",
         "D verdict",
-        "other confirmed",
+        "confirmed",
         "culprit",
         "verdict after",
         "result",
     ];
-    let mut table: Vec<[String; 7]> = vec![header.map(str::to_owned)];
+    let mut table: Vec<[String; 8]> = vec![header.map(str::to_owned)];
     for row in rows {
         let j = row.judgement.as_ref();
         table.push([
-            row.fault.name().to_owned(),
-            j.map(|j| j.expected.clone()).unwrap_or_default(),
+            row.case.name.to_owned(),
+            j.map(|j| shorten(&j.expected, 48)).unwrap_or_default(),
+            j.map(|j| j.outcome.clone()).unwrap_or_else(|| "-".into()),
             j.map(|j| j.d_verdict.clone()).unwrap_or_else(|| "-".into()),
             j.map(|j| {
-                if j.other_confirmed.is_empty() {
+                if j.confirmed.is_empty() {
                     "-".to_owned()
                 } else {
-                    j.other_confirmed.join(",")
+                    j.confirmed.join(",")
                 }
             })
             .unwrap_or_else(|| "-".into()),
             j.and_then(|j| j.culprit.clone())
-                .map(|c| shorten(&c, 60))
+                .map(|c| shorten(&c, 50))
                 .unwrap_or_else(|| "-".into()),
             row.verdict_after
                 .map(|d| format!("{:.1}s", d.as_secs_f64()))
@@ -111,7 +113,7 @@ pub fn render_table(rows: &[Row]) -> String {
             if row.ok() { "ok" } else { "WRONG" }.to_owned(),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|c| {
             table
                 .iter()
@@ -142,17 +144,17 @@ pub fn render_table(rows: &[Row]) -> String {
     }
     for row in rows.iter().filter(|r| !r.ok()) {
         if let Some(e) = &row.error {
-            out.push_str(&format!("{}: {e}\n", row.fault));
+            out.push_str(&format!("{}: {e}\n", row.case));
         }
         if let Some(j) = &row.judgement {
             for p in &j.problems {
-                out.push_str(&format!("{}: {p}\n", row.fault));
+                out.push_str(&format!("{}: {p}\n", row.case));
             }
         }
         if !row.console_sees_handlers {
             out.push_str(&format!(
                 "{}: note: the twin's tokio-console showed none of its request tasks\n",
-                row.fault
+                row.case
             ));
         }
     }

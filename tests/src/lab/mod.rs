@@ -1,6 +1,7 @@
 //! The hang lab: runs the collector, the twin and the GetMeta poller
 //! together, injects a fault, and waits for the verdict.
 
+pub mod cases;
 pub mod child;
 pub mod client;
 pub mod expect;

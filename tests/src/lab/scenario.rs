@@ -20,8 +20,9 @@ use kms_collector::store::{
 use serde_json::Value;
 
 use crate::fault::Fault;
+use crate::lab::cases::Case;
 use crate::lab::child::{TwinLaunch, TwinProcess};
-use crate::lab::client::{KmsClient, Protocol};
+use crate::lab::client::KmsClient;
 use crate::lab::expect::LETTERS;
 use crate::lab::load::Load;
 use crate::lab::progress::Progress;
@@ -65,8 +66,6 @@ pub struct LabConfig {
     pub memory_limit: &'static str,
     /// Bytes each request leaks under `memory-leak`.
     pub leak_per_request: &'static str,
-    /// Soft fd limit of the twin under `fd-exhaustion`.
-    pub fd_limit: u64,
     /// instrumented-kms configuration of the twin (`KMS_DIAG_*`): short
     /// thresholds and intervals so a run takes seconds.
     pub diag_env: Vec<(String, String)>,
@@ -113,7 +112,6 @@ impl Default for LabConfig {
             // costs the twin ~200 MiB of RSS in a debug build.
             memory_limit: "1GiB",
             leak_per_request: "16MiB",
-            fd_limit: 128,
             diag_env,
             analyse: AnalyseConfig {
                 lock_wait_threshold: Duration::from_secs(3),
@@ -128,6 +126,8 @@ impl Default for LabConfig {
 /// What one run produced.
 #[derive(Debug)]
 pub struct ScenarioResult {
+    /// The case run.
+    pub case: Case,
     /// The fault injected.
     pub fault: Fault,
     /// The collector's JSON report at the end.
@@ -300,17 +300,46 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// Runs `fault` once: see the module docs. `keep`: write everything into
-/// this directory (created if missing) instead of a temporary one.
+/// Runs the case of `fault` ([`Case::of`]) once; see [`run_case`].
 ///
 /// # Errors
-/// When a part cannot start, or telemetry does not flow during warm-up.
+/// As [`run_case`].
 pub async fn run_scenario(
     fault: Fault,
     config: &LabConfig,
     keep: Option<&Path>,
 ) -> anyhow::Result<ScenarioResult> {
-    let mut progress = Progress::new(fault.name(), config.progress);
+    run_case(&Case::of(fault), config, keep).await
+}
+
+/// Waits until the probe has failed at least once (deadline: 15 s).
+async fn first_probe_failure(seen: &Mutex<Vec<ProbeAttempt>>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, failed, _, _) = probe_status(seen, 0);
+        if failed > 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the probe did not fail once against a twin that is not running");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `case` once: see the module docs. `keep`: write everything into
+/// this directory (created if missing) instead of a temporary one.
+///
+/// # Errors
+/// When a part cannot start, or telemetry does not flow during warm-up.
+pub async fn run_case(
+    case: &Case,
+    config: &LabConfig,
+    keep: Option<&Path>,
+) -> anyhow::Result<ScenarioResult> {
+    let fault = case.fault;
+    let setup = case.setup;
+    let mut progress = Progress::new(case.name, config.progress);
     let (dir, tmp) = match keep {
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -318,7 +347,7 @@ pub async fn run_scenario(
         }
         None => {
             let tmp = tempfile::Builder::new()
-                .prefix(&format!("kms-lab-{}-", fault.name()))
+                .prefix(&format!("kms-lab-{}-", case.name))
                 .tempdir()?;
             (tmp.path().to_owned(), Some(tmp))
         }
@@ -339,6 +368,35 @@ pub async fn run_scenario(
     .await
     .context("starting the collector")?;
 
+    // The probe's target: known before the twin runs when the collector
+    // starts first.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let kms_port = if setup.collector_first {
+        free_port()?
+    } else {
+        0
+    };
+    let start_probe = |kms_url: &str| {
+        kms_collector::probe::spawn(
+            ProbeConfig::new(format!("{kms_url}{}", setup.probe_rpc.path()))
+                .interval(config.probe_interval)
+                .timeout(config.probe_timeout)
+                .http1_only(setup.probe_http1_only),
+            Arc::new(LabProbeSink {
+                store: StoreSink::new(server.store()),
+                seen: seen.clone(),
+            }),
+        )
+    };
+    let early_probe = if setup.collector_first {
+        progress.status("starting", "probe (the twin is not running yet)");
+        let probe = start_probe(&format!("https://127.0.0.1:{kms_port}"))?;
+        first_probe_failure(&seen).await?;
+        Some(probe)
+    } else {
+        None
+    };
+
     progress.status("starting", "twin");
     let console_port = free_port()?;
     let mut env = config.diag_env.clone();
@@ -357,6 +415,8 @@ pub async fn run_scenario(
         format!("127.0.0.1:{console_port}"),
     ));
     let mut args: Vec<OsString> = vec![
+        "--listen".into(),
+        format!("127.0.0.1:{kms_port}").into(),
         "--workers".into(),
         config.workers.to_string().into(),
         "--attest-clients".into(),
@@ -365,9 +425,13 @@ pub async fn run_scenario(
         "--leak-per-request".into(),
         config.leak_per_request.into(),
     ];
-    if fault == Fault::FdExhaustion {
+    if let Some(limit) = setup.fd_limit {
         args.push("--fd-limit".into());
-        args.push(config.fd_limit.to_string().into());
+        args.push(limit.to_string().into());
+    }
+    if let Some(max) = setup.max_blocking_threads {
+        args.push("--max-blocking-threads".into());
+        args.push(max.to_string().into());
     }
     let launch = TwinLaunch {
         binary: config.twin_binary.clone(),
@@ -384,19 +448,15 @@ pub async fn run_scenario(
             .snapshot_interval(config.console_snapshot_interval),
         Arc::new(ConsoleStoreSink(server.store())),
     )?;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let probe = kms_collector::probe::spawn(
-        ProbeConfig::new(format!("{}/prpc/KMS.GetMeta", twin.ready.kms_url))
-            .interval(config.probe_interval)
-            .timeout(config.probe_timeout),
-        Arc::new(LabProbeSink {
-            store: StoreSink::new(server.store()),
-            seen: seen.clone(),
-        }),
-    )?;
-    let load = Load::start(
-        KmsClient::new(&twin.ready, Protocol::Http1)?,
-        config.load_period,
+    let probe = match early_probe {
+        Some(probe) => probe,
+        None => start_probe(&twin.ready.kms_url)?,
+    };
+    let load = Load::start_with(
+        KmsClient::new(&twin.ready, setup.load_protocol)?,
+        setup.load_wave,
+        setup.load_repeat,
+        setup.load_period.unwrap_or(config.load_period),
         config.load_deadline,
     );
 
@@ -458,7 +518,7 @@ pub async fn run_scenario(
     let mut next_report = Instant::now();
     let timed_out = loop {
         let (ok, failed, consecutive, class) = probe_status(&seen, injected_ns);
-        if fault.hangs() && hang_at.is_none() && consecutive >= 2 {
+        if case.hangs() && hang_at.is_none() && consecutive >= 2 {
             hang_at = Some(Instant::now());
         }
         if Instant::now() >= next_report {
@@ -476,7 +536,7 @@ pub async fn run_scenario(
             }
         }
         let settled = sig_since.elapsed() >= config.stable_for && !report.is_null();
-        let done = if fault.hangs() {
+        let done = if case.hangs() {
             hang_at.is_some_and(|h| h.elapsed() >= config.settle) && settled
         } else {
             injected.elapsed() >= config.observe_healthy && settled
@@ -487,7 +547,7 @@ pub async fn run_scenario(
         if injected.elapsed() > config.verdict_timeout {
             break true;
         }
-        let phase = match (fault.hangs(), hang_at) {
+        let phase = match (case.hangs(), hang_at) {
             (false, _) => "observing",
             (true, None) => "waiting for the hang",
             (true, Some(_)) => "waiting for a stable verdict",
@@ -526,6 +586,7 @@ pub async fn run_scenario(
         tokio::task::spawn_blocking(move || write_outputs(&db, &dir, config)).await??
     };
     Ok(ScenarioResult {
+        case: *case,
         fault,
         report,
         report_text: text,

@@ -43,6 +43,19 @@ pub struct TwinState {
     pub blocked_workers: u64,
     /// Accept errors on the KMS port.
     pub accept_errors: u64,
+    /// Bootstrap-file reads submitted to the blocking pool
+    /// (`blocking-pool-exhaustion`; none returns).
+    #[serde(default)]
+    pub stuck_blocking_jobs: u64,
+    /// Requests that awaited a future never to be woken.
+    #[serde(default)]
+    pub never_woken: u64,
+    /// Always-ready tasks (`scheduler-starvation`).
+    #[serde(default)]
+    pub busy_tasks: u64,
+    /// Requests the fake guest agent left unanswered.
+    #[serde(default)]
+    pub guest_agent_hung: u64,
     /// Requests the fake webhook left unanswered.
     pub webhook_hung: u64,
     /// Requests the fake PCCS left unanswered.
@@ -74,6 +87,10 @@ impl TwinState {
             leaked_connections: load(&kms.counters.leaked_connections),
             blocked_workers: load(&kms.counters.blocked_workers),
             accept_errors: load(&kms.counters.accept_errors),
+            stuck_blocking_jobs: load(&kms.counters.stuck_blocking_jobs),
+            never_woken: load(&kms.counters.never_woken),
+            busy_tasks: load(&kms.counters.busy_tasks),
+            guest_agent_hung: peers.guest_agent_hung,
             webhook_hung: peers.webhook_hung,
             pccs_hung: peers.pccs_hung,
             rss_bytes: current_rss(),

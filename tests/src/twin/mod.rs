@@ -5,6 +5,7 @@
 //! See the crate docs for the faults and what each can and cannot reproduce.
 
 pub mod admin;
+pub mod hazards;
 pub mod outbound;
 pub mod peers;
 pub mod rpc;
@@ -43,8 +44,11 @@ pub struct TwinArgs {
     /// Worker threads of the tokio runtime (a 2-vCPU CVM has 2).
     #[arg(long, env = "KMS_TWIN_WORKERS", default_value_t = 2)]
     pub workers: usize,
-    /// The fault to inject: none, pccs-hang, webhook-hang, memory-leak,
-    /// blocking-worker, async-deadlock, sync-deadlock, fd-exhaustion.
+    /// The runtime's `max_blocking_threads` (tokio's and Rocket's default: 512).
+    #[arg(long, env = "KMS_TWIN_MAX_BLOCKING_THREADS", default_value_t = 512)]
+    pub max_blocking_threads: usize,
+    /// The fault to inject (see the crate docs' fault table), e.g.
+    /// webhook-hang, blocking-pool-exhaustion, never-woken-lost-waker.
     #[arg(long, env = "KMS_TWIN_FAULT", default_value = "none")]
     pub fault: Fault,
     /// Inject the fault only after this long (works first, hangs later).
@@ -95,10 +99,19 @@ pub struct ReadyInfo {
     pub webhook_addr: SocketAddr,
     /// The fake PCCS's address.
     pub pccs_addr: SocketAddr,
+    /// The fake guest agent's address.
+    #[serde(default)]
+    pub guest_agent_addr: Option<SocketAddr>,
+    /// The black hole `webhook-syn-blackhole` sends webhook calls to.
+    #[serde(default)]
+    pub blackhole_addr: Option<SocketAddr>,
     /// The self-signed certificate (PEM).
     pub cert_pem: String,
     /// Worker threads.
     pub workers: usize,
+    /// The runtime's `max_blocking_threads`.
+    #[serde(default)]
+    pub max_blocking_threads: usize,
     /// The soft fd limit in force.
     pub fd_limit: Option<u64>,
     /// The memory limit `memory-leak` approaches.
@@ -154,6 +167,7 @@ pub fn run_as(args: TwinArgs, subcommand: Vec<std::ffi::OsString>) -> anyhow::Re
         .init()
         .context("starting instrumented-kms")?;
     let runtime = instrumented_kms::runtime_builder(Some(args.workers))
+        .max_blocking_threads(args.max_blocking_threads)
         .build()
         .context("building the tokio runtime")?;
     guard.watch_runtime(runtime.handle());
@@ -166,6 +180,15 @@ pub fn run_as(args: TwinArgs, subcommand: Vec<std::ffi::OsString>) -> anyhow::Re
         webhook: format!("http://kms:{}@{}", secrets::WEBHOOK_PASSWORD, addrs.webhook),
         pccs: format!("http://{}", addrs.pccs),
         pccs_timeout: args.pccs_timeout,
+        guest_agent: format!("http://{}", addrs.guest_agent),
+        webhook_blackhole: format!(
+            "http://kms:{}@{}",
+            secrets::WEBHOOK_PASSWORD,
+            addrs.blackhole
+        ),
+        blackholed: Arc::new(std::sync::atomic::AtomicBool::new(
+            fault.is(Fault::WebhookSynBlackhole),
+        )),
     };
     let config = KmsConfig {
         peers,
@@ -175,6 +198,12 @@ pub fn run_as(args: TwinArgs, subcommand: Vec<std::ffi::OsString>) -> anyhow::Re
         lock_hold: args.lock_hold,
         measurement_helper: own_binary,
         measurement_helper_args: subcommand,
+        state_dir: args
+            .ready_file
+            .as_deref()
+            .and_then(std::path::Path::parent)
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(std::env::temp_dir, std::path::Path::to_path_buf),
     };
     let kms = Arc::new(Kms::new(config, fault.clone(), Some(fake_peers)));
     let timer = args.fault_after.map(|after| (after, args.fault));
@@ -187,8 +216,11 @@ pub fn run_as(args: TwinArgs, subcommand: Vec<std::ffi::OsString>) -> anyhow::Re
         admin_url: format!("http://{admin}"),
         webhook_addr: addrs.webhook,
         pccs_addr: addrs.pccs,
+        guest_agent_addr: Some(addrs.guest_agent),
+        blackhole_addr: Some(addrs.blackhole),
         cert_pem: identity.cert_pem.clone(),
         workers: args.workers,
+        max_blocking_threads: args.max_blocking_threads,
         fd_limit,
         memory_limit: args.memory_limit,
     };

@@ -6,8 +6,12 @@
 //!   `reqwest::Client` per call, **no timeout**; `GET {webhook}/` for
 //!   `GetMeta`, `POST {webhook}/bootAuth/app` for `GetAppKey`;
 //! - PCCS (dcap-qvl's quote verification): four sequential collateral fetches,
-//!   each with its own timeout (180 s upstream), no cache.
+//!   each with its own timeout (180 s upstream), no cache;
+//! - guest agent (v0.5.11's self authorization): `POST /prpc/Attest` for the
+//!   KMS's own quote, no timeout (`kms.peer=guest_agent`, `kms.call=attest`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -58,6 +62,13 @@ pub struct Peers {
     pub pccs: String,
     /// Per-fetch timeout of PCCS collateral fetches (dcap-qvl: 180 s).
     pub pccs_timeout: Duration,
+    /// Guest agent base URL (`http://host:port`).
+    pub guest_agent: String,
+    /// A webhook base URL whose host drops SYNs (see [`crate::twin::peers`]).
+    pub webhook_blackhole: String,
+    /// When set, webhook calls go to [`Peers::webhook_blackhole`]
+    /// (`webhook-syn-blackhole`: the webhook's host stopped answering).
+    pub blackholed: Arc<AtomicBool>,
 }
 
 /// The collateral dcap-qvl fetches for one quote verification, in order.
@@ -69,11 +80,20 @@ const COLLATERAL: [&str; 4] = [
 ];
 
 impl Peers {
+    /// The webhook base URL in force.
+    fn webhook_base(&self) -> &str {
+        if self.blackholed.load(Ordering::Relaxed) {
+            &self.webhook_blackhole
+        } else {
+            &self.webhook
+        }
+    }
+
     /// `GET {webhook}/`: the auth service's info, as `GetMeta` asks for it.
     /// New client, no timeout: a webhook that never answers hangs this
     /// forever (upstream's behaviour).
     pub async fn webhook_info(&self, authorization: Option<&str>) -> Result<Value, OutboundError> {
-        let url = format!("{}/", self.webhook);
+        let url = format!("{}/", self.webhook_base());
         let call =
             instrumented_kms::OutboundCall::new(instrumented_kms::Peer::AuthWebhook, "get_info")
                 .http("GET", &url);
@@ -95,12 +115,27 @@ impl Peers {
         body: &Value,
         authorization: Option<&str>,
     ) -> Result<Value, OutboundError> {
-        let url = format!("{}/bootAuth/app", self.webhook);
-        let call = instrumented_kms::OutboundCall::new(
-            instrumented_kms::Peer::AuthWebhook,
-            "is_app_allowed",
-        )
-        .http("POST", &url);
+        self.webhook_post("bootAuth/app", "is_app_allowed", body, authorization)
+            .await
+    }
+
+    /// `POST {webhook}/bootAuth/kms`: is this KMS allowed (v0.5.11's self
+    /// authorization, on every call)?
+    pub async fn webhook_kms_auth(&self, body: &Value) -> Result<Value, OutboundError> {
+        self.webhook_post("bootAuth/kms", "is_kms_allowed", body, None)
+            .await
+    }
+
+    async fn webhook_post(
+        &self,
+        path: &str,
+        name: &str,
+        body: &Value,
+        authorization: Option<&str>,
+    ) -> Result<Value, OutboundError> {
+        let url = format!("{}/{path}", self.webhook_base());
+        let call = instrumented_kms::OutboundCall::new(instrumented_kms::Peer::AuthWebhook, name)
+            .http("POST", &url);
         instrumented_kms::outbound_result(call, async {
             let client = reqwest::Client::builder().build()?;
             let mut request = client.post(&url).json(body);
@@ -108,6 +143,26 @@ impl Peers {
                 request = request.header(reqwest::header::AUTHORIZATION, value);
             }
             let response = request.send().await?.error_for_status()?;
+            Ok(response.json::<Value>().await?)
+        })
+        .await
+    }
+
+    /// `POST {guest agent}/prpc/Attest`: the KMS's own quote, through a new
+    /// client with no timeout.
+    pub async fn guest_agent_attest(&self) -> Result<Value, OutboundError> {
+        let url = format!("{}/prpc/Attest", self.guest_agent);
+        let call =
+            instrumented_kms::OutboundCall::new(instrumented_kms::Peer::GuestAgent, "attest")
+                .http("POST", &url);
+        instrumented_kms::outbound_result(call, async {
+            let client = reqwest::Client::builder().build()?;
+            let response = client
+                .post(&url)
+                .json(&serde_json::json!({ "report_data": "00" }))
+                .send()
+                .await?
+                .error_for_status()?;
             Ok(response.json::<Value>().await?)
         })
         .await

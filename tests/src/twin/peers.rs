@@ -1,9 +1,17 @@
-//! Fake peers: the auth webhook (upstream: `kms/auth-eth`, a Node service)
-//! and the PCCS (Intel's collateral cache that dcap-qvl fetches from).
+//! Fake peers: the auth webhook (upstream: `kms/auth-eth`, a Node service),
+//! the PCCS (Intel's collateral cache that dcap-qvl fetches from) and the
+//! guest agent (whose `attest` call returns the KMS's own quote).
 //!
-//! Both listen on 127.0.0.1 port 0, answer like the real services until
-//! faulted, and then accept connections, read the request and never answer
-//! (the reported failure mode of both: TCP accepted, no reply).
+//! Each listens on 127.0.0.1 port 0, answers like the real service until
+//! faulted, and then accepts connections, reads the request and never
+//! answers (the reported failure mode: TCP accepted, no reply). Under
+//! `slow-handlers` the webhook answers after [`SLOW_ANSWER`].
+//!
+//! A fourth address is a black hole: a listening socket whose accept queue
+//! (backlog 0) is already full with one connection nobody accepts, so the
+//! kernel drops every further SYN and a client's `connect` hangs (SYN
+//! retransmits for about two minutes). `webhook-syn-blackhole` points the
+//! twin's webhook calls there.
 //!
 //! They run in **their own process** (the twin's binary started with
 //! `--as-fake-peers`), as the real services do: the twin's fd limit, RSS,
@@ -53,6 +61,12 @@ pub struct PeerCounts {
     pub pccs_requests: u64,
     /// Requests the fake PCCS left unanswered.
     pub pccs_hung: u64,
+    /// Requests the fake guest agent received.
+    #[serde(default)]
+    pub guest_agent_requests: u64,
+    /// Requests the fake guest agent left unanswered.
+    #[serde(default)]
+    pub guest_agent_hung: u64,
 }
 
 /// Where the fake peers listen (the line their process prints first).
@@ -62,12 +76,19 @@ pub struct PeerAddrs {
     pub webhook: SocketAddr,
     /// The fake PCCS.
     pub pccs: SocketAddr,
+    /// The fake guest agent.
+    pub guest_agent: SocketAddr,
+    /// The black hole: SYNs are dropped, `connect` hangs.
+    pub blackhole: SocketAddr,
     /// The control port.
     pub control: SocketAddr,
 }
 
 /// The prefix of the address line the fake-peers process prints.
 const ADDR_PREFIX: &str = "FAKE_PEERS ";
+
+/// How long the webhook takes to answer under `slow-handlers`.
+pub const SLOW_ANSWER: Duration = Duration::from_secs(1);
 
 /// The fake-peers process, seen from the twin. Killed when dropped.
 #[derive(Debug)]
@@ -181,10 +202,13 @@ fn serve_process_inner(fault: Fault) -> io::Result<()> {
         l.set_nonblocking(true)?;
         Ok(l)
     };
-    let (webhook, pccs, control) = (bind()?, bind()?, bind()?);
+    let (webhook, pccs, guest_agent, control) = (bind()?, bind()?, bind()?, bind()?);
+    let (blackhole, _queued) = black_hole()?;
     let addrs = PeerAddrs {
         webhook: webhook.local_addr()?,
         pccs: pccs.local_addr()?,
+        guest_agent: guest_agent.local_addr()?,
+        blackhole: blackhole.local_addr()?,
         control: control.local_addr()?,
     };
     println!("{ADDR_PREFIX}{}", serde_json::to_string(&addrs)?);
@@ -201,6 +225,7 @@ fn serve_process_inner(fault: Fault) -> io::Result<()> {
     runtime.block_on(async move {
         let webhook_counters = Arc::new(PeerCounters::default());
         let pccs_counters = Arc::new(PeerCounters::default());
+        let guest_agent_counters = Arc::new(PeerCounters::default());
         tokio::spawn(serve(
             tokio::net::TcpListener::from_std(webhook)?,
             Kind::Webhook,
@@ -213,15 +238,36 @@ fn serve_process_inner(fault: Fault) -> io::Result<()> {
             pccs_counters.clone(),
             fault.clone(),
         ));
+        tokio::spawn(serve(
+            tokio::net::TcpListener::from_std(guest_agent)?,
+            Kind::GuestAgent,
+            guest_agent_counters.clone(),
+            fault.clone(),
+        ));
         serve_control(
             tokio::net::TcpListener::from_std(control)?,
             fault,
-            webhook_counters,
-            pccs_counters,
+            [webhook_counters, pccs_counters, guest_agent_counters],
         )
         .await;
         Ok(())
     })
+}
+
+/// A listening socket whose accept queue is full and stays full: backlog 0
+/// (one connection fits), filled by one connection that is never accepted.
+/// Linux then drops every SYN to it (`ListenOverflows`), so `connect` hangs.
+/// Returns the listener and the queued connection; both must be kept.
+fn black_hole() -> io::Result<(std::net::TcpListener, std::net::TcpStream)> {
+    use std::os::fd::AsRawFd as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    // SAFETY: listen(2) on a socket we own; calling it again on a listening
+    // socket only changes the backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let queued = std::net::TcpStream::connect(listener.local_addr()?)?;
+    Ok((listener, queued))
 }
 
 /// The soft fd limit up to the hard one: the twin may have lowered it
@@ -244,20 +290,21 @@ fn raise_fd_limit() {
 enum Kind {
     Webhook,
     Pccs,
+    GuestAgent,
 }
 
 async fn serve_control(
     listener: tokio::net::TcpListener,
     fault: FaultSwitch,
-    webhook: Arc<PeerCounters>,
-    pccs: Arc<PeerCounters>,
+    counters: [Arc<PeerCounters>; 3],
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(250)).await;
             continue;
         };
-        let (fault, webhook, pccs) = (fault.clone(), webhook.clone(), pccs.clone());
+        let fault = fault.clone();
+        let [webhook, pccs, guest_agent] = counters.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -277,6 +324,8 @@ async fn serve_control(
                             webhook_hung: load(&webhook.hung),
                             pccs_requests: load(&pccs.requests),
                             pccs_hung: load(&pccs.hung),
+                            guest_agent_requests: load(&guest_agent.requests),
+                            guest_agent_hung: load(&guest_agent.hung),
                         }),
                     ),
                     _ => (StatusCode::NOT_FOUND, json!({ "error": "not found" })),
@@ -335,18 +384,24 @@ async fn answer(
     fault: FaultSwitch,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     counters.requests.fetch_add(1, Ordering::Relaxed);
+    let now = fault.get();
     let hang = match kind {
-        Kind::Webhook => fault.is(Fault::WebhookHang),
-        Kind::Pccs => fault.is(Fault::PccsHang),
+        Kind::Webhook => now.webhook_hangs(),
+        Kind::Pccs => now == Fault::PccsHang,
+        Kind::GuestAgent => now == Fault::GuestAgentQuoteHang,
     };
     if hang {
         counters.hung.fetch_add(1, Ordering::Relaxed);
         // Keep the connection open and never answer.
         std::future::pending::<()>().await;
     }
+    if matches!(kind, Kind::Webhook) && now == Fault::SlowHandlers {
+        tokio::time::sleep(SLOW_ANSWER).await;
+    }
     let (status, body) = match kind {
         Kind::Webhook => webhook_answer(req.method(), req.uri().path()),
         Kind::Pccs => pccs_answer(req.method(), req.uri().path()),
+        Kind::GuestAgent => guest_agent_answer(req.method(), req.uri().path()),
     };
     Ok(json_response(status, &body))
 }
@@ -370,6 +425,18 @@ fn webhook_answer(method: &Method, path: &str) -> (StatusCode, Value) {
             json!({ "isAllowed": true, "reason": "", "gatewayAppId": "" }),
         ),
         _ => (StatusCode::NOT_FOUND, json!({ "error": "not found" })),
+    }
+}
+
+/// What the guest agent answers to `Attest` (the KMS's own quote).
+fn guest_agent_answer(method: &Method, path: &str) -> (StatusCode, Value) {
+    if method == Method::POST && path == "/prpc/Attest" {
+        (
+            StatusCode::OK,
+            json!({ "attestation": "74776e2d6b6d732d71756f7465" }),
+        )
+    } else {
+        (StatusCode::NOT_FOUND, json!({ "error": "not found" }))
     }
 }
 

@@ -11,6 +11,9 @@
 //!
 //! With `attest_clients`, every request first verifies the client's quote
 //! against PCCS, as upstream does for RA-TLS clients before dispatch.
+//!
+//! The newer faults add steps to this path while they are in force; their
+//! mechanisms live in [`crate::twin::hazards`].
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use serde_json::{json, Value};
 
 use crate::fault::Fault;
 use crate::secrets;
+use crate::twin::hazards;
 use crate::twin::outbound::OutboundError;
 use crate::twin::state::{Kms, MIB};
 
@@ -98,16 +102,23 @@ impl RpcError {
         }
     }
 
-    fn webhook(source: OutboundError) -> Self {
+    pub(crate) fn webhook(source: OutboundError) -> Self {
         RpcError::Outbound {
             peer: "auth webhook",
             source,
         }
     }
 
-    fn pccs(source: OutboundError) -> Self {
+    pub(crate) fn pccs(source: OutboundError) -> Self {
         RpcError::Outbound {
             peer: "PCCS",
+            source,
+        }
+    }
+
+    pub(crate) fn guest_agent(source: OutboundError) -> Self {
+        RpcError::Outbound {
+            peer: "guest agent",
             source,
         }
     }
@@ -164,6 +175,16 @@ async fn run(kms: &Arc<Kms>, rpc: Rpc, request: &RpcRequest) -> Result<Value, Rp
             .await
             .map_err(RpcError::pccs)?;
     }
+    let fault = kms.fault.get();
+    if fault == Fault::SchedulerStarvation {
+        hazards::start_cache_warmers(kms);
+    }
+    if fault == Fault::GuestAgentQuoteHang && rpc != Rpc::GetMeta {
+        hazards::ensure_self_allowed(kms).await?;
+    }
+    if fault == Fault::CpuHeavyYielding && rpc != Rpc::GetTempCaCert {
+        hazards::yielding_cpu_work().await;
+    }
     let auth = request.authorization.as_deref();
     match rpc {
         Rpc::GetMeta => get_meta(kms, auth).await,
@@ -198,17 +219,40 @@ async fn take_request_buffer(kms: &Kms) -> Result<(), RpcError> {
 }
 
 async fn get_meta(kms: &Arc<Kms>, auth: Option<&str>) -> Result<Value, RpcError> {
+    let fault = kms.fault.get();
+    match fault {
+        Fault::BlockingPoolExhaustion => {
+            hazards::read_bootstrap_info(kms).await?;
+        }
+        Fault::NeverWokenLostWaker | Fault::NeverWokenH2Cancelled => {
+            hazards::await_refresh_lost_waker(kms).await;
+        }
+        Fault::NeverWokenKeptWaker => hazards::await_config_reload(kms).await,
+        Fault::FrozenWorkers => hazards::lock_boot_config_and_measure(kms)?,
+        Fault::BlockInPlace => tokio::task::block_in_place(|| run_measurement_helper(kms))?,
+        Fault::CpuBoundHandler => {
+            hazards::derive_keys_without_yielding(hazards::KDF_COST);
+        }
+        Fault::HungActor => {
+            hazards::key_actor_lookup(kms).await?;
+        }
+        _ => {}
+    }
     let cached_keys = *kms.app_keys.lock().await;
     let store = kms.clone();
     let key_index = tokio::task::spawn_blocking(move || *store.key_index.lock())
         .await
         .map_err(|e| RpcError::Internal(format!("key store: {e}")))?;
-    let info = kms
-        .config
-        .peers
-        .webhook_info(auth)
-        .await
-        .map_err(RpcError::webhook)?;
+    let info = match fault {
+        Fault::LeakedSemaphorePermit => hazards::webhook_info_limited(kms, auth).await?,
+        Fault::WebhookHangUnderLock => hazards::webhook_info_cached(kms, auth).await?,
+        _ => kms
+            .config
+            .peers
+            .webhook_info(auth)
+            .await
+            .map_err(RpcError::webhook)?,
+    };
     Ok(json!({
         "ca_cert": "-----BEGIN CERTIFICATE-----\nTWIN-CA\n-----END CERTIFICATE-----\n",
         "allow_any_upgrade": false,
@@ -343,6 +387,13 @@ fn measure_os_image(kms: &Kms) -> Result<(), RpcError> {
     if !kms.fault.is(Fault::BlockingWorker) {
         return Ok(()); // cache hit
     }
+    run_measurement_helper(kms)
+}
+
+/// Runs the measurement helper with `Command::output()` on the calling
+/// thread (it never exits under the faults that call it), counting the
+/// thread as blocked meanwhile.
+pub(crate) fn run_measurement_helper(kms: &Kms) -> Result<(), RpcError> {
     kms.counters.blocked_workers.fetch_add(1, Ordering::Relaxed);
     let output = std::process::Command::new(&kms.config.measurement_helper)
         .args(&kms.config.measurement_helper_args)

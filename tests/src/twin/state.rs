@@ -2,10 +2,11 @@
 //! faults misuse), the leaks, and counters the admin endpoint reports.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::fault::{Fault, FaultSwitch};
 use crate::twin::outbound::Peers;
@@ -33,6 +34,9 @@ pub struct KmsConfig {
     pub measurement_helper: PathBuf,
     /// Arguments before `--as-measurement-helper` (a subcommand, if any).
     pub measurement_helper_args: Vec<std::ffi::OsString>,
+    /// Where the twin may create files (the bootstrap file of
+    /// `blocking-pool-exhaustion`).
+    pub state_dir: PathBuf,
 }
 
 /// Everything the request handlers share.
@@ -61,6 +65,24 @@ pub struct Kms {
     pub leaked_buffers: parking_lot::Mutex<Vec<Vec<u8>>>,
     /// Accepted sockets kept for good under `fd-exhaustion`.
     pub leaked_connections: parking_lot::Mutex<Vec<std::net::TcpStream>>,
+    /// Concurrent webhook calls of `GetMeta` under `leaked-semaphore-permit`
+    /// ([`WEBHOOK_PERMITS`] permits).
+    pub webhook_limiter: tokio::sync::Semaphore,
+    /// `GetMeta`'s metadata cache under `webhook-hang-under-lock`, filled
+    /// from the webhook with the lock held.
+    pub meta_cache: tokio::sync::Mutex<Option<Value>>,
+    /// The KMS's own boot info (v0.5.11's self authorization), initialised
+    /// once with the cell's permit held across the guest-agent call.
+    pub self_boot_info: tokio::sync::OnceCell<Value>,
+    /// The boot configuration, a `std::sync::Mutex` locked on the worker
+    /// (`frozen-workers`).
+    pub boot_config: std::sync::Mutex<u64>,
+    /// Config-reload notifications (`never-woken-kept-waker`).
+    pub config_reload: tokio::sync::Notify,
+    /// The key-store actor's mailbox (`hung-actor`), started on first use.
+    pub key_actor: tokio::sync::OnceCell<crate::twin::hazards::KeyActor>,
+    /// Whether the cache warmers of `scheduler-starvation` were spawned.
+    pub warmers_started: AtomicBool,
     /// Counters.
     pub counters: Counters,
 }
@@ -82,10 +104,19 @@ pub struct Counters {
     pub blocked_workers: AtomicU64,
     /// Accept errors (e.g. EMFILE).
     pub accept_errors: AtomicU64,
+    /// Blocking-pool jobs stuck in `open(2)` (`blocking-pool-exhaustion`).
+    pub stuck_blocking_jobs: AtomicU64,
+    /// Requests awaiting a future that will never be woken.
+    pub never_woken: AtomicU64,
+    /// Always-ready tasks spawned by `scheduler-starvation`.
+    pub busy_tasks: AtomicU64,
 }
 
 /// One MiB.
 pub const MIB: u64 = 1024 * 1024;
+
+/// Permits of [`Kms::webhook_limiter`].
+pub const WEBHOOK_PERMITS: usize = 4;
 
 impl Kms {
     /// The shared state for `config`, with a buffer pool sized so the
@@ -108,6 +139,13 @@ impl Kms {
             ),
             leaked_buffers: parking_lot::Mutex::default(),
             leaked_connections: parking_lot::Mutex::default(),
+            webhook_limiter: tokio::sync::Semaphore::new(WEBHOOK_PERMITS),
+            meta_cache: tokio::sync::Mutex::new(None),
+            self_boot_info: tokio::sync::OnceCell::new(),
+            boot_config: std::sync::Mutex::new(0),
+            config_reload: tokio::sync::Notify::new(),
+            key_actor: tokio::sync::OnceCell::new(),
+            warmers_started: AtomicBool::new(false),
             counters: Counters::default(),
         }
     }
@@ -116,6 +154,10 @@ impl Kms {
     pub async fn inject(&self, fault: Fault) {
         tracing::warn!(fault = fault.name(), "Fault injected.");
         self.fault.set(fault);
+        self.config
+            .peers
+            .blackholed
+            .store(fault == Fault::WebhookSynBlackhole, Ordering::Relaxed);
         if let Some(peers) = &self.fake_peers {
             if let Err(e) = peers.set_fault(fault).await {
                 tracing::error!(error = %e, "Cannot reach the fake peers to inject the fault.");

@@ -71,6 +71,41 @@ where
     }
 }
 
+/// TCP sockets of this host in `state_hex` whose local (`remote = false`)
+/// or remote (`remote = true`) port is `port`, and the LISTEN socket's
+/// receive queue (its accept queue) when `state_hex` is `0A`: the sum of
+/// `rx_queue` over the matching sockets is returned as the second value.
+pub fn tcp_sockets(port: u16, state_hex: &str, remote: bool) -> (usize, usize) {
+    let (mut count, mut queued) = (0, 0);
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(peer), Some(state), Some(queues)) =
+                (fields.get(1), fields.get(2), fields.get(3), fields.get(4))
+            else {
+                continue;
+            };
+            let addr = if remote { peer } else { local };
+            let this_port = addr
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if this_port == Some(port) && state.eq_ignore_ascii_case(state_hex) {
+                count += 1;
+                queued += queues
+                    .split(':')
+                    .nth(1)
+                    .and_then(|q| usize::from_str_radix(q, 16).ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    (count, queued)
+}
+
 /// TCP connections on `port` of this host in `state` (e.g. `08` = CLOSE_WAIT), from /proc/net/tcp.
 pub fn tcp_count(port: u16, state_hex: &str) -> usize {
     let mut count = 0;
