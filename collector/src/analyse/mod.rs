@@ -34,6 +34,7 @@ mod probe;
 mod requests;
 mod resources;
 mod rules;
+mod senders;
 mod stall;
 mod stuck_io;
 
@@ -48,6 +49,7 @@ pub use resources::{
     BlockingPool, ListenQueue, ResourceFindings, ResourceRun, SchedulerQueues, UnwakeableTask,
 };
 pub use rules::{Outcome, OutcomeKind};
+pub use senders::RejectedSender;
 pub use stall::{StallEpisode, StallFindings};
 pub use stuck_io::{Innermost, StuckSpan, WaitsOn};
 
@@ -167,6 +169,8 @@ pub struct Diagnosis {
     pub hypotheses: std::collections::BTreeMap<String, Hypothesis>,
     /// Healthy, explained or unexplained.
     pub outcome: Outcome,
+    /// Export attempts the collector refused, by sender and reason.
+    pub rejected_senders: Vec<RejectedSender>,
 }
 
 /// What a pass sees: the store, the thresholds, the analysed window, and
@@ -218,7 +222,7 @@ pub trait Pass: std::fmt::Debug {
 
 /// The passes, in order: stuck requests, probe episodes (and the failure
 /// window), stall, deadlock, async lock wait, runtime resources, memory,
-/// connections, request fates, then the verdicts.
+/// connections, request fates, the verdicts, then the refused senders.
 pub fn standard_passes() -> Vec<Box<dyn Pass>> {
     vec![
         Box::new(stuck_io::StuckIo),
@@ -231,6 +235,7 @@ pub fn standard_passes() -> Vec<Box<dyn Pass>> {
         Box::new(connections::Connections),
         Box::new(requests::Requests),
         Box::new(rules::Verdicts),
+        Box::new(senders::Senders),
     ]
 }
 

@@ -104,6 +104,13 @@ pub fn render_html(report: &Report) -> String {
         }
         o.push_str("</table>");
     }
+    if !report.rejected_senders.is_empty() {
+        o.push_str("<h2>Refused senders</h2><ul id=\"rejected\">");
+        for r in &report.rejected_senders {
+            let _ = write!(o, "<li>{}</li>", esc(&r.describe()));
+        }
+        o.push_str("</ul>");
+    }
     o.push_str("<h2>Verdicts</h2><table id=\"verdicts\"><tr><th></th><th>Hypothesis</th><th>Verdict</th><th>Culprit</th></tr>");
     for (letter, title) in HYPOTHESES {
         let Some(h) = report.hypotheses.get(letter) else {

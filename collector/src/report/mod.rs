@@ -23,7 +23,8 @@ use serde::Serialize;
 use crate::analyse::{
     analyse, fmt_time, AnalyseConfig, AnalyseError, ConnectionFindings, DeadlockFindings,
     FailureWindow, Hypothesis, LockWaitFindings, MemoryFindings, OutcomeKind, ProbeSummary,
-    RequestCounts, RequestFindings, ResourceFindings, StallFindings, StuckSpan, WaitLocation,
+    RejectedSender, RequestCounts, RequestFindings, ResourceFindings, StallFindings, StuckSpan,
+    WaitLocation,
 };
 use crate::store::{ReadError, Reader, SqliteReader, TimeWindow};
 
@@ -137,6 +138,9 @@ pub struct Report {
     pub requests: RequestCounts,
     /// Where hung (open or cancelled) requests wait, most first.
     pub wait_locations: Vec<WaitLocation>,
+    /// Export attempts the collector refused (no or wrong token, failed TLS
+    /// handshake), by sender: someone else tried to write evidence.
+    pub rejected_senders: Vec<RejectedSender>,
     /// Verdicts keyed `A`..`E`.
     pub hypotheses: BTreeMap<String, Hypothesis>,
     /// Requests still open at their last snapshot, oldest first.
@@ -182,6 +186,7 @@ pub fn build_report(reader: &dyn Reader, opts: &ReportOptions) -> Result<Report,
         causes: d.outcome.causes,
         requests: d.requests.counts.clone(),
         wait_locations: d.requests.waits.clone(),
+        rejected_senders: d.rejected_senders,
         hypotheses: d.hypotheses,
         stuck_spans: d.stuck,
         probe: d.probe,

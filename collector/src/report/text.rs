@@ -129,6 +129,12 @@ pub fn render_text(report: &Report) -> String {
             }
         }
     }
+    if !report.rejected_senders.is_empty() {
+        let _ = writeln!(o, "\nRefused senders (their exports were not stored)");
+        for r in &report.rejected_senders {
+            let _ = writeln!(o, "  {}", r.describe());
+        }
+    }
     let _ = writeln!(o, "\nVerdicts");
     for (letter, title) in HYPOTHESES {
         let Some(h) = report.hypotheses.get(letter) else {
