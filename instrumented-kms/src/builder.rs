@@ -1,12 +1,14 @@
 //! The one builder: every setting, its default, its environment variable.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
+use crate::access::{ConsoleBind, OtlpHeaders};
 use crate::env;
 use crate::error::InitError;
 use crate::guard::DiagGuard;
@@ -43,11 +45,14 @@ pub struct Builder {
     service_version: Option<String>,
     otlp: Option<bool>,
     otlp_endpoint: Option<String>,
+    otlp_headers: OtlpHeaders,
+    otlp_ca: Option<PathBuf>,
     export_queue_capacity: Option<usize>,
     export_timeout: Option<Duration>,
     trace_rate_limit: Option<u32>,
     console: Option<bool>,
-    console_bind: Option<SocketAddr>,
+    console_bind: Option<ConsoleBind>,
+    console_expose: Option<bool>,
     console_retention: Option<Duration>,
     log: Option<bool>,
     log_filter: Option<String>,
@@ -75,6 +80,10 @@ pub struct Settings {
     pub otlp: bool,
     /// OTLP/gRPC endpoint.
     pub otlp_endpoint: String,
+    /// Headers of every export request (values redacted in `Debug`).
+    pub otlp_headers: OtlpHeaders,
+    /// CA trusted for an `https://` endpoint.
+    pub otlp_ca: Option<PathBuf>,
     /// Ordinary-lane capacity of the export queue.
     pub export_queue_capacity: usize,
     /// Timeout of one export request.
@@ -83,8 +92,10 @@ pub struct Settings {
     pub trace_rate_limit: u32,
     /// tokio-console server on (needs feature `console`).
     pub console: bool,
-    /// tokio-console bind address.
-    pub console_bind: SocketAddr,
+    /// tokio-console bind address or Unix socket.
+    pub console_bind: ConsoleBind,
+    /// Whether the console may bind a non-loopback address.
+    pub console_expose: bool,
     /// How long the console keeps completed tasks and spans.
     pub console_retention: Duration,
     /// fmt log layer on.
@@ -179,6 +190,28 @@ impl Builder {
         self
     }
 
+    /// Adds a header to every export request, e.g. `("authorization",
+    /// "Bearer <token>")` for a collector started with `--token-file`.
+    /// Default none; env [`KMS_DIAG_OTLP_HEADERS`](env::KMS_DIAG_OTLP_HEADERS)
+    /// over [`OTEL_EXPORTER_OTLP_TRACES_HEADERS`](env::OTEL_EXPORTER_OTLP_TRACES_HEADERS)
+    /// over [`OTEL_EXPORTER_OTLP_HEADERS`](env::OTEL_EXPORTER_OTLP_HEADERS)
+    /// (`key=value,...`, values percent-encoded), merged by key; a header set
+    /// here replaces theirs. Values are never logged.
+    pub fn otlp_header(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.otlp_headers.set(key, value.into());
+        self
+    }
+
+    /// PEM file of the CA that signed the collector's certificate, for an
+    /// `https://` endpoint (`serve --tls-cert`). Default none (an `https://`
+    /// endpoint then fails at start); env
+    /// [`KMS_DIAG_OTLP_CA`](env::KMS_DIAG_OTLP_CA) >
+    /// [`OTEL_EXPORTER_OTLP_CERTIFICATE`](env::OTEL_EXPORTER_OTLP_CERTIFICATE).
+    pub fn otlp_ca(mut self, pem_file: impl Into<PathBuf>) -> Self {
+        self.otlp_ca = Some(pem_file.into());
+        self
+    }
+
     /// Capacity of the export queue's ordinary lane (closed spans, samples);
     /// beyond it they are dropped and counted. Default
     /// [`Self::DEFAULT_EXPORT_QUEUE_CAPACITY`]; env
@@ -216,11 +249,25 @@ impl Builder {
         self
     }
 
-    /// tokio-console bind address. Default [`Self::DEFAULT_CONSOLE_BIND`]; env
+    /// tokio-console bind address, or a Unix socket (`unix:PATH`; the
+    /// tokio-console CLI connects with `file://localhost/PATH`). A
+    /// non-loopback address also needs [`console_expose`](Self::console_expose):
+    /// the console has no authentication. Default
+    /// [`Self::DEFAULT_CONSOLE_BIND`]; env
     /// [`KMS_DIAG_CONSOLE_BIND`](env::KMS_DIAG_CONSOLE_BIND) >
     /// [`TOKIO_CONSOLE_BIND`](env::TOKIO_CONSOLE_BIND).
-    pub fn console_bind(mut self, addr: SocketAddr) -> Self {
-        self.console_bind = Some(addr);
+    pub fn console_bind(mut self, bind: ConsoleBind) -> Self {
+        self.console_bind = Some(bind);
+        self
+    }
+
+    /// Lets the console bind a non-loopback address. Without it such a bind
+    /// fails at start: anyone who reaches the port sees every task and span.
+    /// Set it only where something else confines the port (a container
+    /// whose port is published to the host's loopback only). Default off;
+    /// env [`KMS_DIAG_CONSOLE_EXPOSE`](env::KMS_DIAG_CONSOLE_EXPOSE).
+    pub fn console_expose(mut self, expose: bool) -> Self {
+        self.console_expose = Some(expose);
         self
     }
 
@@ -367,6 +414,45 @@ impl Builder {
             None => env::endpoint(env, &[KMS_DIAG_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT])?
                 .unwrap_or_else(|| Self::DEFAULT_OTLP_ENDPOINT.to_owned()),
         };
+        let mut otlp_headers = OtlpHeaders::default();
+        for name in [
+            OTEL_EXPORTER_OTLP_HEADERS,
+            OTEL_EXPORTER_OTLP_TRACES_HEADERS,
+            KMS_DIAG_OTLP_HEADERS,
+        ] {
+            if let Some(text) = env::string(env, &[name]) {
+                let parsed = OtlpHeaders::parse(&text).map_err(|why| InitError::InvalidEnv {
+                    name,
+                    // The text may hold a token: never echo it.
+                    value: format!("<{} bytes, not shown: {why}>", text.len()),
+                    expected: crate::access::HEADERS_FORM,
+                })?;
+                otlp_headers.merge(parsed);
+            }
+        }
+        otlp_headers.merge(self.otlp_headers.clone());
+        let otlp_ca = self.otlp_ca.clone().or_else(|| {
+            env::string(env, &[KMS_DIAG_OTLP_CA, OTEL_EXPORTER_OTLP_CERTIFICATE]).map(PathBuf::from)
+        });
+        let console_expose = match self.console_expose {
+            Some(b) => b,
+            None => env::boolean(env, &[KMS_DIAG_CONSOLE_EXPOSE])?.unwrap_or(false),
+        };
+        let console_bind = match &self.console_bind {
+            Some(b) => b.clone(),
+            None => match env::first(env, &[KMS_DIAG_CONSOLE_BIND, TOKIO_CONSOLE_BIND]) {
+                Some((name, value)) => {
+                    value
+                        .parse::<ConsoleBind>()
+                        .map_err(|_| InitError::InvalidEnv {
+                            name,
+                            value: value.clone(),
+                            expected: CONSOLE_BIND_FORM,
+                        })?
+                }
+                None => ConsoleBind::Tcp(Self::DEFAULT_CONSOLE_BIND),
+            },
+        };
         let log_filter = match &self.log_filter {
             Some(f) => {
                 crate::logs::check_filter(f).map_err(|reason| InitError::InvalidConfig {
@@ -427,6 +513,8 @@ impl Builder {
                 None => env::boolean(env, &[KMS_DIAG_OTLP])?.unwrap_or(true),
             },
             otlp_endpoint,
+            otlp_headers,
+            otlp_ca,
             export_queue_capacity,
             export_timeout: duration(
                 self.export_timeout,
@@ -447,11 +535,8 @@ impl Builder {
                 Some(b) => b,
                 None => env::boolean(env, &[KMS_DIAG_CONSOLE])?.unwrap_or(true),
             },
-            console_bind: match self.console_bind {
-                Some(a) => a,
-                None => env::socket_addr(env, &[KMS_DIAG_CONSOLE_BIND, TOKIO_CONSOLE_BIND])?
-                    .unwrap_or(Self::DEFAULT_CONSOLE_BIND),
-            },
+            console_bind,
+            console_expose,
             console_retention: duration(
                 self.console_retention,
                 "console_retention",
@@ -543,7 +628,7 @@ impl Builder {
     /// [`InitError::InvalidConfig`]), a console address that cannot be bound,
     /// or a thread the OS refused to start.
     pub fn build(self) -> Result<(DiagLayer, DiagGuard), InitError> {
-        let (layer, guard) = crate::guard::start(self.settings()?)?;
+        let (layer, guard) = crate::guard::start(checked(self.settings()?)?)?;
         // The log line of `kms.startup` appears only once the host installs
         // the layer; the exported event is queued now.
         guard.announce();
@@ -559,7 +644,7 @@ impl Builder {
     /// As [`build`](Self::build), plus [`InitError::AlreadyInitialized`] when
     /// a global subscriber exists already.
     pub fn init(self) -> Result<DiagGuard, InitError> {
-        let (layer, guard) = crate::guard::start(self.settings()?)?;
+        let (layer, guard) = crate::guard::start(checked(self.settings()?)?)?;
         tracing_subscriber::registry()
             .with(layer)
             .try_init()
@@ -572,4 +657,27 @@ impl Builder {
         guard.announce();
         Ok(guard)
     }
+}
+
+/// Refuses settings that would expose a debug surface by accident: a
+/// console on a non-loopback address without the explicit opt-in.
+fn checked(settings: Settings) -> Result<Settings, InitError> {
+    if cfg!(feature = "console")
+        && settings.console
+        && !settings.console_expose
+        && !settings.console_bind.is_local()
+    {
+        return Err(InitError::InvalidConfig {
+            name: "console_bind",
+            reason: format!(
+                "tokio-console would listen on {} with no authentication; bind it to 127.0.0.1 or \
+                 unix:PATH ({}), or set {}=1 where the port is otherwise confined (e.g. published to \
+                 the host's loopback only)",
+                settings.console_bind,
+                env::KMS_DIAG_CONSOLE_BIND,
+                env::KMS_DIAG_CONSOLE_EXPOSE
+            ),
+        });
+    }
+    Ok(settings)
 }

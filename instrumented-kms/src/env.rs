@@ -8,7 +8,6 @@
 //! not parse is an [`crate::InitError::InvalidEnv`]
 //! naming the variable and the accepted form; an empty value counts as unset.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::error::InitError;
@@ -23,6 +22,20 @@ pub const KMS_DIAG_SERVICE_VERSION: &str = "KMS_DIAG_SERVICE_VERSION";
 pub const KMS_DIAG_OTLP_ENDPOINT: &str = "KMS_DIAG_OTLP_ENDPOINT";
 /// Standard OpenTelemetry OTLP endpoint.
 pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+/// Headers of every export request, `key=value,...` (e.g.
+/// `authorization=Bearer%20<token>`). Merged over
+/// [`OTEL_EXPORTER_OTLP_TRACES_HEADERS`] and [`OTEL_EXPORTER_OTLP_HEADERS`]
+/// (same key: the more specific variable wins).
+pub const KMS_DIAG_OTLP_HEADERS: &str = "KMS_DIAG_OTLP_HEADERS";
+/// Standard OpenTelemetry OTLP headers (all signals).
+pub const OTEL_EXPORTER_OTLP_HEADERS: &str = "OTEL_EXPORTER_OTLP_HEADERS";
+/// Standard OpenTelemetry OTLP headers for traces.
+pub const OTEL_EXPORTER_OTLP_TRACES_HEADERS: &str = "OTEL_EXPORTER_OTLP_TRACES_HEADERS";
+/// PEM file of the CA the exporter trusts for an `https://` endpoint.
+/// Falls back to [`OTEL_EXPORTER_OTLP_CERTIFICATE`].
+pub const KMS_DIAG_OTLP_CA: &str = "KMS_DIAG_OTLP_CA";
+/// Standard OpenTelemetry OTLP CA certificate file.
+pub const OTEL_EXPORTER_OTLP_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
 /// OTLP export on or off (`true`/`false`, `1`/`0`, `on`/`off`).
 pub const KMS_DIAG_OTLP: &str = "KMS_DIAG_OTLP";
 /// Ordinary-lane capacity of the export queue (items).
@@ -37,6 +50,9 @@ pub const KMS_DIAG_CONSOLE: &str = "KMS_DIAG_CONSOLE";
 pub const KMS_DIAG_CONSOLE_BIND: &str = "KMS_DIAG_CONSOLE_BIND";
 /// Standard tokio-console bind address.
 pub const TOKIO_CONSOLE_BIND: &str = "TOKIO_CONSOLE_BIND";
+/// Lets the console bind a non-loopback address (`1`/`true`). The console
+/// has no authentication: without this, such a bind is an error.
+pub const KMS_DIAG_CONSOLE_EXPOSE: &str = "KMS_DIAG_CONSOLE_EXPOSE";
 /// How long the console keeps completed tasks. Falls back to [`TOKIO_CONSOLE_RETENTION`].
 pub const KMS_DIAG_CONSOLE_RETENTION: &str = "KMS_DIAG_CONSOLE_RETENTION";
 /// Standard tokio-console retention.
@@ -66,8 +82,9 @@ pub const KMS_DIAG_MEMORY_LIMIT: &str = "KMS_DIAG_MEMORY_LIMIT";
 
 /// Accepted form of a duration.
 pub(crate) const DURATION_FORM: &str = "a duration such as 500ms, 10s or 2m";
-/// Accepted form of a socket address.
-pub(crate) const SOCKET_ADDR_FORM: &str = "an IP:PORT socket address such as 127.0.0.1:6669";
+/// Accepted form of the console bind.
+pub(crate) const CONSOLE_BIND_FORM: &str =
+    "an IP:PORT socket address such as 127.0.0.1:6669, or unix:PATH";
 /// Accepted form of a boolean.
 pub(crate) const BOOL_FORM: &str = "true/false, 1/0, on/off or yes/no";
 /// Accepted form of an endpoint.
@@ -115,16 +132,6 @@ pub(crate) fn duration(
             Some(d) if !d.is_zero() => Ok(d),
             _ => Err(invalid(name, &v, DURATION_FORM)),
         })
-        .transpose()
-}
-
-/// A socket-address setting.
-pub(crate) fn socket_addr(
-    env: Source<'_>,
-    names: &[&'static str],
-) -> Result<Option<SocketAddr>, InitError> {
-    first(env, names)
-        .map(|(name, v)| v.parse().map_err(|_| invalid(name, &v, SOCKET_ADDR_FORM)))
         .transpose()
 }
 

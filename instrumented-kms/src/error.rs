@@ -32,6 +32,15 @@ pub enum InitError {
         #[source]
         source: std::io::Error,
     },
+    /// The tokio-console server could not create its Unix socket.
+    #[error("cannot bind the tokio-console server to unix:{}: {source}", path.display())]
+    ConsoleSocket {
+        /// The socket file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A diagnostic thread could not be started.
     #[error("cannot start diagnostic thread {thread}: {source}")]
     SpawnThread {

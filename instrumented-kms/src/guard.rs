@@ -275,9 +275,9 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
     #[cfg(feature = "console")]
     if settings.console {
         let (layer, addr) =
-            crate::console::start(settings.console_bind, settings.console_retention)?;
+            crate::console::start(&settings.console_bind, settings.console_retention)?;
         layers.push(layer);
-        guard.console_addr = Some(addr);
+        guard.console_addr = addr;
     }
 
     let open = Arc::new(OpenSpans::new());
@@ -287,16 +287,13 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
     #[cfg(feature = "otlp")]
     if settings.otlp {
         use crate::export::{self, ExportConfig, ExportQueue};
-        let endpoint = tonic::transport::Endpoint::from_shared(settings.otlp_endpoint.clone())
-            .map_err(|e| InitError::InvalidConfig {
-                name: "otlp_endpoint",
-                reason: e.to_string(),
-            })?;
+        let endpoint = export::endpoint(&settings)?;
         let queue = Arc::new(ExportQueue::new(settings.export_queue_capacity, 512));
         let handle = export::spawn(
             queue.clone(),
             ExportConfig {
                 endpoint,
+                headers: settings.otlp_headers.clone(),
                 timeout: settings.export_timeout,
                 flush_interval: Duration::from_millis(500),
                 resource: export::encode::ResourceInfo {
@@ -304,8 +301,7 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
                     service_version: settings.service_version.clone(),
                 },
             },
-        )
-        .map_err(spawn_error(export::THREAD_NAME))?;
+        )?;
         guard.export = Some(handle);
         let sink_queue = queue.clone();
         guard.sink = EventSink::new(move |event| {

@@ -6,6 +6,7 @@
     unreachable_pub
 )]
 
+mod access;
 mod builder;
 #[cfg(feature = "console")]
 mod console;
@@ -31,6 +32,7 @@ pub(crate) mod spans;
 #[cfg(feature = "watchdog")]
 mod watchdog;
 
+pub use access::{ConsoleBind, ConsoleBindParseError, OtlpHeaders};
 pub use builder::{Builder, DiagLayer, Settings};
 pub use error::InitError;
 pub use event::{AttrValue, DiagEvent, Severity};

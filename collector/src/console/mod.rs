@@ -260,7 +260,8 @@ impl ConsoleHandle {
 ///
 /// # Errors
 ///
-/// [`ConsoleError::InvalidUrl`] when `config`'s URL is not an http(s) URL.
+/// [`ConsoleError::InvalidUrl`] when `config`'s URL is neither an http(s)
+/// URL nor a Unix socket (`file://localhost/PATH`, `unix:/PATH`).
 /// An unreachable KMS is not an error: the recorder retries.
 pub fn spawn(
     config: ConsoleConfig,
@@ -270,10 +271,30 @@ pub fn spawn(
         url: config.target.clone(),
         reason,
     };
-    if !(config.target.starts_with("http://") || config.target.starts_with("https://")) {
-        return Err(invalid("expected http://HOST:PORT".to_owned()));
+    // A Unix socket (the library's `unix:PATH` bind) is named as the
+    // tokio-console CLI names it, `file://localhost/PATH`, or `unix:PATH`.
+    let target = match config
+        .target
+        .strip_prefix("file://localhost")
+        .or_else(|| config.target.strip_prefix("file://"))
+    {
+        Some(path) if path.starts_with('/') => format!("unix:{path}"),
+        Some(_) => {
+            return Err(invalid(
+                "expected file://localhost/ABSOLUTE/PATH".to_owned(),
+            ))
+        }
+        None => config.target.clone(),
+    };
+    if !(target.starts_with("http://")
+        || target.starts_with("https://")
+        || target.starts_with("unix:/"))
+    {
+        return Err(invalid(
+            "expected http://HOST:PORT or file://localhost/PATH (a Unix socket)".to_owned(),
+        ));
     }
-    let endpoint = Endpoint::from_shared(config.target.clone())
+    let endpoint = Endpoint::from_shared(target)
         .map_err(|e| invalid(e.to_string()))?
         .connect_timeout(config.connect_timeout)
         // A KMS that stops (SIGSTOP, frozen VM) answers no pings: the stream

@@ -39,7 +39,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KMS_COLLECTOR_FORWARD")]
     pub forward: Option<String>,
     /// Record the KMS's tokio-console (console-subscriber) at this URL, e.g.
-    /// `http://127.0.0.1:6669`.
+    /// `http://127.0.0.1:6669`, or at a Unix socket as tokio-console names
+    /// it, `file://localhost/PATH` (the library's `KMS_DIAG_CONSOLE_BIND=unix:PATH`).
     #[arg(long, env = "KMS_COLLECTOR_CONSOLE")]
     pub console: Option<String>,
     /// Probe this KMS GetMeta URL, e.g. `https://10.0.2.2:9100/prpc/KMS.GetMeta`.

@@ -17,6 +17,8 @@
 pub(crate) mod encode;
 mod queue;
 mod thread;
+mod transport;
 
 pub(crate) use queue::{ExportQueue, Item};
-pub(crate) use thread::{spawn, ExportConfig, ExportHandle, THREAD_NAME};
+pub(crate) use thread::{spawn, ExportConfig, ExportHandle};
+pub(crate) use transport::endpoint;

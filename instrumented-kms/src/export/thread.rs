@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::encode::{self, ResourceInfo};
 use super::queue::{ExportQueue, Item};
+use super::transport::AddHeaders;
 use crate::event::{DiagEvent, Severity};
 
 /// Name of the export thread.
@@ -29,10 +31,15 @@ const DROP_REPORT_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub(crate) struct ExportConfig {
     pub(crate) endpoint: Endpoint,
+    /// Added to every call (e.g. the collector's bearer token).
+    pub(crate) headers: crate::access::OtlpHeaders,
     pub(crate) timeout: Duration,
     pub(crate) flush_interval: Duration,
     pub(crate) resource: ResourceInfo,
 }
+
+type Traces = TraceServiceClient<InterceptedService<Channel, AddHeaders>>;
+type Logs = LogsServiceClient<InterceptedService<Channel, AddHeaders>>;
 
 /// Owner of the export thread.
 #[derive(Debug)]
@@ -72,7 +79,8 @@ impl ExportHandle {
 pub(crate) fn spawn(
     queue: Arc<ExportQueue>,
     config: ExportConfig,
-) -> std::io::Result<ExportHandle> {
+) -> Result<ExportHandle, crate::InitError> {
+    let headers = AddHeaders::new(&config.headers)?;
     let (done_tx, done) = mpsc::channel();
     let deadline = Arc::new(std::sync::Mutex::new(None));
     let thread = {
@@ -91,11 +99,15 @@ pub(crate) fn spawn(
                     // (see `quiet_thread`); the exporter spawns later.
                     drop(tokio::spawn(async {}));
                     ready.signal();
-                    Exporter::new(queue, config, deadline).run().await
+                    Exporter::new(queue, config, deadline).run(headers).await
                 }),
                 Err(e) => eprintln!("instrumented-kms: cannot start the export runtime: {e}"),
             }
             let _ = done_tx.send(());
+        })
+        .map_err(|source| crate::InitError::SpawnThread {
+            thread: THREAD_NAME,
+            source,
         })?
     };
     Ok(ExportHandle {
@@ -150,7 +162,7 @@ impl Exporter {
         }
     }
 
-    async fn run(mut self) {
+    async fn run(mut self, headers: AddHeaders) {
         let channel = self
             .config
             .endpoint
@@ -159,8 +171,8 @@ impl Exporter {
             .timeout(self.config.timeout)
             .tcp_nodelay(true)
             .connect_lazy();
-        let mut traces = TraceServiceClient::new(channel.clone());
-        let mut logs = LogsServiceClient::new(channel);
+        let mut traces = TraceServiceClient::with_interceptor(channel.clone(), headers.clone());
+        let mut logs = LogsServiceClient::with_interceptor(channel, headers);
         let mut backoff: Option<Duration> = None;
         loop {
             if self.queue.is_closing() {
@@ -199,11 +211,7 @@ impl Exporter {
     }
 
     /// Drains the queue until empty or the shutdown deadline.
-    async fn flush(
-        &mut self,
-        traces: &mut TraceServiceClient<Channel>,
-        logs: &mut LogsServiceClient<Channel>,
-    ) {
+    async fn flush(&mut self, traces: &mut Traces, logs: &mut Logs) {
         let deadline = self
             .deadline
             .lock()
@@ -255,11 +263,7 @@ impl Exporter {
     }
 
     /// Sends one batch. Returns false when an export failed.
-    async fn export_once(
-        &mut self,
-        traces: &mut TraceServiceClient<Channel>,
-        logs: &mut LogsServiceClient<Channel>,
-    ) -> bool {
+    async fn export_once(&mut self, traces: &mut Traces, logs: &mut Logs) -> bool {
         let batch = self.take_batch();
         let mut ok = true;
         let span_count = (batch.closed.len() + batch.snapshots.len()) as u64;
