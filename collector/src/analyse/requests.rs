@@ -27,6 +27,10 @@ use crate::store::{ProbeOutcome, ReadError, SpanRow, TimeWindow};
 /// At most this many cancelled requests have their trace read for a wait
 /// location (the newest); the rest are counted.
 const MAX_TRACES_READ: usize = 500;
+/// Requests that started this long before the failure window are not read
+/// (open ones still are, through their snapshots): a request cancelled that
+/// early was hung before GetMeta's failure began.
+const LOOKBACK_NS: i64 = 10 * 60 * 1_000_000_000;
 /// Spans that closed this close to their request's end were dropped with it.
 const DROP_TOLERANCE_NS: i64 = 100_000_000;
 
@@ -155,7 +159,13 @@ impl Pass for Requests {
         let mut cancelled_rows = Vec::new();
         if let Some(failure) = cx.diagnosis.failure.as_ref() {
             let failure = TimeWindow::new(failure.from_ns, failure.to_ns);
-            let reach = TimeWindow::new(cx.window.from_ns, failure.to_ns);
+            let reach = TimeWindow::new(
+                failure
+                    .from_ns
+                    .saturating_sub(LOOKBACK_NS)
+                    .max(cx.window.from_ns),
+                failure.to_ns,
+            );
             for r in cx.reader.spans_started(reach, REQUEST_SPAN, 1_000_000)? {
                 if r.incomplete || r.end_ns < failure.from_ns || open_ids.contains(&*r.span_id) {
                     continue;

@@ -25,11 +25,13 @@ impl Peer {
 
 /// Why a call to the peer cannot be blamed on it, if it cannot:
 /// - it was in flight when the whole runtime froze (no future is polled);
-/// - it began after the fds ran out and the process held no connection to
-///   its server afterwards (no socket to wait on: a client that retries
-///   connecting looks stuck). A call that holds a connection waits on its
-///   peer whatever the fd count, and calls that began before the exhaustion
-///   may be what exhausted the fds.
+/// - fds ran out while it waited and the process held no connection to its
+///   server (no socket to wait on: a client that retries connecting looks
+///   stuck). Where the samples cannot tell (no `tcp.outbound`, or a server
+///   named by host name), only a call that began once fds had run out is
+///   excused. A call that holds a connection waits on its peer whatever the
+///   fd count, and calls that began before the exhaustion may be what
+///   exhausted the fds.
 pub(crate) fn excused(m: &Model<'_>, s: &StuckSpan) -> Option<&'static str> {
     let frozen = m.d.stall.full_stall_since();
     let long_ns = i64::try_from(m.config.long_stall.as_nanos()).unwrap_or(i64::MAX);
@@ -38,18 +40,22 @@ pub(crate) fn excused(m: &Model<'_>, s: &StuckSpan) -> Option<&'static str> {
         return Some("the runtime stalled while it was in flight (D)");
     }
     let c = &m.d.connections;
-    let after_exhaustion = c.exhausted_since_ns.is_some_and(|t| began >= t);
     let connected = s
         .innermost
         .server
         .as_deref()
         .and_then(|srv| c.connected_to(srv, began));
-    if after_exhaustion && connected != Some(true) {
-        return Some(
-            "it began after the process ran out of fds and held no connection to its server (E)",
-        );
-    }
-    None
+    let no_socket = c.exhausted_since_ns.is_some_and(|t| match connected {
+        // Samples show no connection to its server: fds running out at any
+        // time while it waited explains it.
+        Some(false) => s.last_seen_ns >= t,
+        Some(true) => false,
+        // Nothing tells: only a call that began once fds had run out.
+        None => began >= t,
+    });
+    no_socket.then_some(
+        "fds ran out while it waited and the process held no connection to its server (E)",
+    )
 }
 
 /// Hung requests (open, or cancelled by their client) wait on a call to the
