@@ -39,10 +39,22 @@ pub struct MemoryFindings {
     pub projected_limit_ns: Option<i64>,
     /// True when the peak reached the near-limit fraction.
     pub near_limit: bool,
+    /// Log records in the window whose body carries a captured backtrace
+    /// (`Stack backtrace:`, as anyhow prints one with `RUST_BACKTRACE=1` or
+    /// `RUST_LIB_BACKTRACE=1`): each costs memory while its error lives.
+    pub backtrace_logs: usize,
+    /// The first of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_backtrace_ns: Option<i64>,
     /// (time, rss) series, for the timeline.
     #[serde(skip)]
     pub rss_series: Vec<(i64, i64)>,
 }
+
+/// What anyhow's `{:?}` prints before a captured backtrace.
+const BACKTRACE_MARK: &str = "Stack backtrace:";
+/// At most this many such records are read.
+const MAX_BACKTRACE_LOGS: usize = 10_000;
 
 /// The pass.
 #[derive(Debug)]
@@ -90,6 +102,11 @@ impl Pass for Memory {
                 }
             }
         }
+        let traces = cx
+            .reader
+            .events_with_body(BACKTRACE_MARK, cx.window, MAX_BACKTRACE_LOGS)?;
+        f.backtrace_logs = traces.len();
+        f.first_backtrace_ns = traces.first().map(|e| e.time_ns);
         cx.diagnosis.memory = f;
         Ok(())
     }

@@ -138,6 +138,44 @@ impl Rule for NoMemoryData {
     }
 }
 
+/// RSS grew while errors were logged with captured backtraces: the growth
+/// may be the backtraces' (an error path that captures one per error), not
+/// a leak in the request path.
+struct BacktraceBurst;
+
+impl Rule for BacktraceBurst {
+    fn name(&self) -> &'static str {
+        "backtrace_burst"
+    }
+    fn reads(&self) -> &'static str {
+        "log bodies with `Stack backtrace:`; kms.process process.rss_bytes"
+    }
+    fn check(&self, m: &Model<'_>) -> Option<Finding> {
+        let mem = &m.d.memory;
+        let (first, peak) = (mem.first_rss_bytes?, mem.peak_rss_bytes?);
+        let grew = peak - first >= first / 4 && peak - first >= 16 * 1024 * 1024;
+        if mem.backtrace_logs < MIN_BACKTRACES || !grew {
+            return None;
+        }
+        let mut e = Evidence::new(
+            "backtrace_burst",
+            format!(
+                "RSS grew from {} to {} while {} log records carried a captured backtrace: errors that capture one (anyhow with RUST_BACKTRACE=1 or RUST_LIB_BACKTRACE=1) cost memory per error; set RUST_LIB_BACKTRACE=0 before reading this growth as a leak",
+                mib(first),
+                mib(peak),
+                mem.backtrace_logs
+            ),
+        );
+        if let Some(t) = mem.first_backtrace_ns {
+            e = e.at(t);
+        }
+        Some(Finding::one(Effect::Cites, e))
+    }
+}
+
+/// Backtrace-carrying log records that make a burst.
+const MIN_BACKTRACES: usize = 10;
+
 /// The rules of C, in order.
 pub(crate) fn rules() -> Vec<Box<dyn Rule>> {
     vec![
@@ -145,5 +183,6 @@ pub(crate) fn rules() -> Vec<Box<dyn Rule>> {
         Box::new(NoMemoryData),
         Box::new(BelowLimit),
         Box::new(RssCurve),
+        Box::new(BacktraceBurst),
     ]
 }
