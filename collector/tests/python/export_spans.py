@@ -2,11 +2,16 @@
 
 Used by collector/tests/python_exporter.rs:
 
-    export_spans.py --protocol grpc|http --endpoint URL --count N --name SPAN_NAME
+    export_spans.py --protocol grpc|http --endpoint URL --count N --name SPAN_NAME [--attr-bytes B]
 
 Makes N spans named SPAN_NAME (each with a child span, so N*2 in all) and N
 log records, flushes them through the real OTLP exporter, and exits non-zero
-if the exporter reports a failure.
+if the exporter reports a failure. `--attr-bytes` gives each span an
+attribute of that many bytes (to send large requests).
+
+Headers (a bearer token) and TLS come from the standard variables the SDK
+reads itself: OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_CERTIFICATE; an
+https:// endpoint uses TLS.
 """
 
 import argparse
@@ -46,14 +51,16 @@ def main():
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--name", default="py.span")
+    parser.add_argument("--attr-bytes", type=int, default=0)
     args = parser.parse_args()
 
     if args.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
 
-        spans = OTLPSpanExporter(endpoint=args.endpoint, insecure=True)
-        logs = OTLPLogExporter(endpoint=args.endpoint, insecure=True)
+        insecure = not args.endpoint.startswith("https://")
+        spans = OTLPSpanExporter(endpoint=args.endpoint, insecure=insecure)
+        logs = OTLPLogExporter(endpoint=args.endpoint, insecure=insecure)
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
@@ -74,8 +81,10 @@ def main():
     logger.setLevel(logging.INFO)
     logger.addHandler(LoggingHandler(level=logging.INFO, logger_provider=logger_provider))
 
+    padding = "x" * args.attr_bytes
     for i in range(args.count):
-        with tracer.start_as_current_span(args.name, attributes={"i": i}):
+        attributes = {"i": i, "padding": padding} if padding else {"i": i}
+        with tracer.start_as_current_span(args.name, attributes=attributes):
             with tracer.start_as_current_span(args.name + ".child"):
                 logger.warning("python record %d", i, extra={"event.name": args.name + ".log"})
 
