@@ -62,6 +62,39 @@
 //! | `fd-exhaustion` | E | every accepted socket is kept for good until the fd limit (`--fd-limit`, set low for the run); then `accept` fails with EMFILE | **times out** (TCP still connects: kernel backlog) | never reached |
 //! | `none` | – | nothing | works | answers |
 //!
+//! The faults above each reproduce one hypothesis on the twin's own request
+//! path. The ones below are shapes a tokio service meets elsewhere, each a
+//! real mechanism ([`twin::hazards`]), so that the diagnosis is judged on
+//! more than the faults it was written against. "Expected" is what the
+//! report must say ([`lab::expect`]); the lab's probe calls `GetMeta` unless
+//! the row says otherwise.
+//!
+//! | fault | mechanism | TLS | expected report | why |
+//! |---|---|---|---|---|
+//! | `blocking-pool-exhaustion` | `GetMeta` reads its bootstrap file with `tokio::fs` from a FIFO nobody writes (a hung mount); `--max-blocking-threads 2`; later `spawn_blocking` jobs queue | works | explained, D, "blocking pool" | blocking threads at the maximum, queue depth > 0 and not draining, requests waiting |
+//! | `never-woken-lost-waker` | `GetMeta` awaits a hand-written future that returns `Pending` without keeping the waker (span `kms.cache_refresh`) | works | D ("never woken"/"lost waker") or unexplained, naming `kms.cache_refresh`; never all ruled out | the runtime is healthy; only the task's missing waker explains the wait |
+//! | `never-woken-kept-waker` | `Notify::notified()` after `notify_waiters()`: the waker is kept and never fired (span `kms.config_reload`) | works | as above, naming `kms.config_reload` | as above, with a waker that exists |
+//! | `never-woken-h2-cancelled` | the lost waker, with h2 clients that give up: every handler is dropped, no span stays open | works | as above, and `requests.cancelled` > 0 | the closed `kms.request` spans without a status, longer than the probe timeout, are the outage |
+//! | `frozen-workers` | `GetMeta` holds a `std::sync::Mutex` across the never-exiting helper on its worker; the other worker blocks on the mutex | **times out** | explained, D, "listen queue" or the worker | nothing polls accept: connections wait in the listen queue, never accepted |
+//! | `guest-agent-quote-hang` (probe: `GetTempCaCert`) | v0.5.11's self authorization: a `tokio::sync::OnceCell` init holds its permit across the guest agent's `attest` (`kms.peer=guest_agent`), which hangs; the others wait in `kms.self_boot_info` | works | explained, A, naming `guest_agent attest` and the waiters | a quote request is attestation; the waiters are queued behind it |
+//! | `webhook-hang-fd-limit` (`--fd-limit 96`, HTTP/1.1 `GetMeta` load) | the webhook hangs; each abandoned `GetMeta` holds its inbound socket (`CLOSE_WAIT`) and its webhook socket until the fds run out | works, then times out | explained, B then E | the stuck webhook calls hold the fds that ran out |
+//! | `leaked-semaphore-permit` | a webhook limiter's permits are `forget()`-ten; after four calls every `GetMeta` waits on the semaphore (span `kms.webhook_limiter`) | works | unexplained, naming `kms.webhook_limiter` | healthy runtime, webhook and memory: an application wait no rule sees into |
+//! | `hung-actor` | `GetMeta` asks a key-store actor over a bounded channel; the actor awaits a reply from its own mailbox (span `kms.key_actor`) | works | unexplained, naming `kms.key_actor` | as above: a channel has no owner to blame |
+//! | `cpu-bound-handler` | `GetMeta` derives keys for 30 s of CPU in one poll | **times out** | explained, D, the worker and span | a poll stall |
+//! | `scheduler-starvation` | 200 always-ready tasks (20 ms of CPU per poll, then `yield_now`) keep the run queues full | slow | explained, D, "worker queue" | every poll is short, yet requests wait seconds per turn |
+//! | `webhook-syn-blackhole` | webhook calls go to an address whose accept queue is full: SYNs are dropped, `connect` hangs | works | explained, B | stuck in the webhook call's connect |
+//! | `block-in-place` | `GetMeta` runs the never-exiting helper in `block_in_place` | works | explained, D, the request span | the request's poll never returns, the rest of the runtime serves |
+//! | `webhook-hang-under-lock` | `GetMeta` fills its cache from the webhook with a `tokio::sync::Mutex` held (span `kms.meta_cache`); the webhook hangs | works | explained, B, with the waiters queued behind | one webhook call holds the lock every other `GetMeta` waits for |
+//! | `slow-handlers` | the webhook answers after 1 s | works | healthy | slow but every request completes within the probe timeout |
+//! | `cpu-heavy-yielding` | handlers do 100 ms of CPU in 2 ms slices with `yield_now` between | works | healthy | busy but yielding |
+//!
+//! Three more matrix rows reuse a fault with another set-up
+//! ([`lab::cases`]): `frozen-workers-plain-http` (the twin serves plain
+//! HTTP, `--plain-http`: the report must make no TLS claim),
+//! `bursty-load` (no fault, bursts of 32 concurrent calls: healthy) and
+//! `collector-first` (no fault, the collector and its probe start before
+//! the twin: healthy, with the first failures counted as "not up yet").
+//!
 //! Two faults cannot reproduce "TLS succeeds", and that is physics, not a
 //! shortcut: a runtime whose every worker is blocked cannot poll the tasks
 //! that finish handshakes, and a process out of fds cannot accept. The probe
@@ -99,10 +132,10 @@
 //! database, the reports (text, JSON, HTML), the Jaeger and OTLP exports and
 //! the twin's log there.
 //!
-//! `kms-lab matrix [--jobs 2]` runs every fault (`--jobs` at a time) and prints
-//! a table: fault, expected verdict, D's verdict, other confirmed hypotheses,
-//! the named culprit, time from injection to verdict; it exits non-zero when
-//! a row is wrong ([`lab::expect`]).
+//! `kms-lab matrix [--jobs 2]` runs every case (`--jobs` at a time) and
+//! prints a table: case, expected report, outcome, D's verdict, confirmed
+//! hypotheses (cause first), the named culprit, time from injection to
+//! verdict; it exits non-zero when a row is wrong ([`lab::expect`]).
 //!
 //! The lab's short thresholds are ordinary configuration: `KMS_DIAG_*`
 //! variables for the twin, `AnalyseConfig` for the collector

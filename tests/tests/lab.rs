@@ -244,3 +244,213 @@ async fn fd_exhaustion_is_e_not_d() {
         result.report_text
     );
 }
+
+/// The report's text, for assertions on what it must not claim.
+fn text_lacks(result: &ScenarioResult, claim: &str) {
+    assert!(
+        !result.report_text.contains(claim),
+        "the report claims `{claim}`:\n{}",
+        result.report_text
+    );
+}
+
+/// Whether any evidence of `letter` has `kind` or mentions `words`.
+fn cites(report: &Value, letter: &str, kind: &str, words: &str) -> bool {
+    evidence(report, letter)
+        .iter()
+        .any(|e| e["kind"] == kind || e["summary"].as_str().unwrap_or("").contains(words))
+}
+
+fn ruled_out_count(report: &Value) -> usize {
+    ["A", "B", "C", "D", "E"]
+        .iter()
+        .filter(|l| verdict(report, l) == Some("ruled_out"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_pool_exhaustion_is_d_naming_the_pool() {
+    let result = lab("blocking-pool-exhaustion").await;
+    assert!(
+        cites(
+            &result.report,
+            "D",
+            "blocking_pool_exhausted",
+            "blocking pool"
+        ),
+        "{}",
+        result.report_text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_woken_lost_waker_is_d_or_unexplained_never_all_ruled_out() {
+    let result = lab("never-woken-lost-waker").await;
+    assert!(
+        ruled_out_count(&result.report) < 5,
+        "{}",
+        result.report_text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_woken_kept_waker_is_d_or_unexplained_never_all_ruled_out() {
+    let result = lab("never-woken-kept-waker").await;
+    assert!(
+        ruled_out_count(&result.report) < 5,
+        "{}",
+        result.report_text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_woken_with_h2_clients_counts_the_cancelled_requests() {
+    let result = lab("never-woken-h2-cancelled").await;
+    let r = &result.report;
+    assert!(ruled_out_count(r) < 5, "{}", result.report_text);
+    assert!(
+        r["requests"]["cancelled"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        result.report_text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_workers_are_d_citing_unaccepted_connections() {
+    let result = lab("frozen-workers").await;
+    let r = &result.report;
+    assert!(
+        cites(r, "D", "unaccepted_connections", "listen queue"),
+        "no unaccepted connections cited: {}",
+        result.report_text
+    );
+    assert_eq!(
+        r["probe"]["failure_class"], "tls",
+        "workers that poll nothing cannot finish TLS"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_workers_over_plain_http_make_no_tls_claim() {
+    let result = lab("frozen-workers-plain-http").await;
+    text_lacks(&result, "TLS handshakes complete");
+    text_lacks(&result, "TLS handshakes fail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_agent_quote_hang_is_a_naming_the_call_and_its_waiters() {
+    let result = lab("guest-agent-quote-hang").await;
+    let r = &result.report;
+    let culprit = r["hypotheses"]["A"]["culprit"].as_str().unwrap_or("");
+    assert!(culprit.contains("attest"), "A's culprit: {culprit}");
+    assert!(
+        result.report_text.contains("kms.self_boot_info"),
+        "the waiters in kms.self_boot_info are not named: {}",
+        result.report_text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_hang_under_a_low_fd_limit_is_b_then_e() {
+    let result = lab("webhook-hang-fd-limit").await;
+    let r = &result.report;
+    assert!(stuck_on(r, "auth_webhook") >= 1, "{}", result.report_text);
+    assert!(
+        evidence(r, "E")
+            .iter()
+            .any(|x| x["kind"] == "fds" || x["kind"] == "accept_errors"),
+        "{}",
+        result.report_text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaked_semaphore_permit_is_unexplained_naming_the_semaphore_span() {
+    lab("leaked-semaphore-permit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_actor_is_unexplained_naming_the_actor_span() {
+    lab("hung-actor").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_bound_handler_is_d_by_a_poll_stall() {
+    let result = lab("cpu-bound-handler").await;
+    assert!(
+        !evidence_of_kind(&result.report, "D", "poll_stall").is_empty(),
+        "{}",
+        result.report_text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_starvation_is_d_naming_the_queues() {
+    let result = lab("scheduler-starvation").await;
+    assert!(
+        cites(&result.report, "D", "scheduler_starvation", "queue"),
+        "{}",
+        result.report_text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_syn_blackhole_is_b() {
+    let result = lab("webhook-syn-blackhole").await;
+    assert!(
+        stuck_on(&result.report, "auth_webhook") >= 1,
+        "{}",
+        result.report_text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_in_place_is_d_with_tls_alive() {
+    let result = lab("block-in-place").await;
+    let r = &result.report;
+    assert!(
+        !evidence_of_kind(r, "D", "poll_stall").is_empty(),
+        "{}",
+        result.report_text
+    );
+    assert_eq!(
+        r["probe"]["failure_class"], "timeout",
+        "the rest of the runtime keeps serving TLS"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_hang_under_lock_is_b_with_the_waiters_queued_behind() {
+    let result = lab("webhook-hang-under-lock").await;
+    assert!(
+        result.report_text.contains("kms.meta_cache"),
+        "the requests queued in kms.meta_cache are not named: {}",
+        result.report_text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_handlers_are_healthy() {
+    lab("slow-handlers").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_heavy_yielding_handlers_are_healthy() {
+    lab("cpu-heavy-yielding").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursty_load_is_healthy() {
+    lab("bursty-load").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_started_first_is_healthy_and_not_up_yet() {
+    let result = lab("collector-first").await;
+    assert!(
+        result.report["probe"]["not_up_yet"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        result.report_text
+    );
+    text_lacks(&result, "failing since");
+}

@@ -51,6 +51,16 @@ async fn get_meta_hangs_runtime_serves(twin: &TwinProcess, client: &KmsClient) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_serves_http1_and_h2c() {
+    let (twin, _dir) = start_twin(&["--plain-http"], &[]).await;
+    assert!(twin.ready.kms_url.starts_with("http://"));
+    for protocol in [Protocol::Http1, Protocol::Http2] {
+        let client = KmsClient::new(&twin.ready, protocol).unwrap();
+        assert!(ok(&client.call(Rpc::GetMeta, LONG).await), "{protocol:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_pool_exhaustion_queues_later_blocking_jobs() {
     let (twin, _dir, client) = twin_with(
         Fault::BlockingPoolExhaustion,

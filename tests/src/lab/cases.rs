@@ -28,6 +28,8 @@ pub struct Setup {
     pub load_repeat: usize,
     /// Period of the load (`None`: the lab's default).
     pub load_period: Option<Duration>,
+    /// How long each load call waits before giving up (`None`: the lab's default).
+    pub load_deadline: Option<Duration>,
     /// The twin's soft fd limit.
     pub fd_limit: Option<u64>,
     /// The twin's `max_blocking_threads` (`None`: tokio's 512).
@@ -35,6 +37,8 @@ pub struct Setup {
     /// Start the collector and its probe before the twin, as the runbook
     /// says: the first probes fail with `connect`.
     pub collector_first: bool,
+    /// The twin serves plain HTTP; probe and load use `http://`.
+    pub plain_http: bool,
 }
 
 /// CVMs booting: two methods that share locks and one without I/O.
@@ -62,9 +66,11 @@ impl Setup {
         load_wave: BOOT_WAVE,
         load_repeat: 1,
         load_period: None,
+        load_deadline: None,
         fd_limit: None,
         max_blocking_threads: None,
         collector_first: false,
+        plain_http: false,
     };
 
     const fn meta_load() -> Setup {
@@ -133,7 +139,7 @@ const fn fault_name(fault: Fault) -> &'static str {
 
 impl Case {
     /// Every case, in matrix order.
-    pub const ALL: [Case; 26] = [
+    pub const ALL: [Case; 27] = [
         case(Fault::None, Setup::DEFAULT),
         case(Fault::PccsHang, Setup::DEFAULT),
         case(Fault::WebhookHang, Setup::DEFAULT),
@@ -161,10 +167,21 @@ impl Case {
             Fault::NeverWokenH2Cancelled,
             Setup {
                 load_protocol: Protocol::Http2,
+                // Clients give up well after the probe's timeout, so each
+                // dropped handler lasted longer than a healthy answer could.
+                load_deadline: Some(Duration::from_secs(5)),
                 ..Setup::meta_load()
             },
         ),
         case(Fault::FrozenWorkers, Setup::meta_load()),
+        Case {
+            name: "frozen-workers-plain-http",
+            fault: Fault::FrozenWorkers,
+            setup: Setup {
+                plain_http: true,
+                ..Setup::meta_load()
+            },
+        },
         case(
             Fault::GuestAgentQuoteHang,
             Setup {

@@ -22,7 +22,7 @@
 //! | `async-deadlock`, `sync-deadlock` | explained | D | confirmed | the locks | lock cycles |
 //! | `blocking-pool-exhaustion` | explained | D | confirmed | blocking pool | blocking threads at the maximum, queue not draining |
 //! | `scheduler-starvation` | explained | D | confirmed | worker queue | queues growing, workers busy, polls short |
-//! | `frozen-workers` | explained | D | confirmed | listen queue / worker | every worker blocked, connections never accepted |
+//! | `frozen-workers`, `frozen-workers-plain-http` | explained | D | confirmed | listen queue / worker | every worker blocked, connections never accepted (over plain HTTP the probe's `timeout` says nothing about TLS) |
 //! | `never-woken-*` | explained D, or unexplained | D | confirmed or inconclusive | never woken / lost waker | the wait's span named either way |
 //! | `fd-exhaustion` | explained | E | ruled out | fds / EMFILE | accept fails at the fd limit |
 //! | `leaked-semaphore-permit`, `hung-actor` | unexplained | – | not confirmed | – | an application wait no rule can see into: the report must name the span |
@@ -144,7 +144,9 @@ pub fn expected(case: &Case) -> Vec<Expected> {
         "sync-deadlock" => vec![explained(&["D"], &["parking_lot"])],
         "blocking-pool-exhaustion" => vec![explained(&["D"], &["blocking pool"])],
         "scheduler-starvation" => vec![explained(&["D"], &["worker queue", "queue"])],
-        "frozen-workers" => vec![explained(&["D"], &["listen queue", "kms-worker-"])],
+        "frozen-workers" | "frozen-workers-plain-http" => {
+            vec![explained(&["D"], &["listen queue", "kms-worker-"])]
+        }
         "never-woken-lost-waker" => never_woken("kms.cache_refresh", &[]).to_vec(),
         "never-woken-kept-waker" => never_woken("kms.config_reload", &[]).to_vec(),
         "never-woken-h2-cancelled" => {

@@ -390,7 +390,8 @@ pub async fn run_case(
     };
     let early_probe = if setup.collector_first {
         progress.status("starting", "probe (the twin is not running yet)");
-        let probe = start_probe(&format!("https://127.0.0.1:{kms_port}"))?;
+        let scheme = if setup.plain_http { "http" } else { "https" };
+        let probe = start_probe(&format!("{scheme}://127.0.0.1:{kms_port}"))?;
         first_probe_failure(&seen).await?;
         Some(probe)
     } else {
@@ -425,6 +426,9 @@ pub async fn run_case(
         "--leak-per-request".into(),
         config.leak_per_request.into(),
     ];
+    if setup.plain_http {
+        args.push("--plain-http".into());
+    }
     if let Some(limit) = setup.fd_limit {
         args.push("--fd-limit".into());
         args.push(limit.to_string().into());
@@ -457,7 +461,7 @@ pub async fn run_case(
         setup.load_wave,
         setup.load_repeat,
         setup.load_period.unwrap_or(config.load_period),
-        config.load_deadline,
+        setup.load_deadline.unwrap_or(config.load_deadline),
     );
 
     // Warm-up: healthy probes and telemetry of every kind arriving.

@@ -103,30 +103,60 @@ impl Future for RefreshDone {
     }
 }
 
-/// `never-woken-lost-waker`: starts a cache refresh and awaits its end
-/// through [`RefreshDone`], in the span `kms.cache_refresh`. The refresh
-/// finishes within milliseconds; the request waits for ever.
+/// `never-woken-lost-waker`: starts a cache refresh and awaits its end in
+/// a waiter task, in the span `kms.cache_refresh`. The waiter's only future
+/// drops its waker, and the refresh fails on a path that returns without
+/// signalling: nothing will ever wake the waiter, and the request awaits
+/// the waiter's `JoinHandle` for ever.
+///
+/// Both halves matter. Any future must tolerate spurious polls (a waker
+/// left behind by an earlier await, or tokio's task dump, which polls every
+/// task to trace it), so a lost waker alone only delays a future whose
+/// condition has come true; this one's never does. And the waiter is a
+/// task of its own, which has awaited nothing else: the dropped waker is
+/// all there is, as tokio-console's lost-waker lint sees it.
 pub async fn await_refresh_lost_waker(kms: &Kms) {
     kms.counters.never_woken.fetch_add(1, Ordering::Relaxed);
-    let done = Arc::new(AtomicBool::new(false));
-    let refreshed = done.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        refreshed.store(true, Ordering::Release);
-    });
-    RefreshDone(done)
-        .instrument(tracing::info_span!("kms.cache_refresh"))
-        .await;
+    async {
+        let done = Arc::new(AtomicBool::new(false));
+        let refreshed = done.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Err(e) = refresh_cache_backend() {
+                // The bug's other half: the error path returns without
+                // setting `done` (and there is no waker to wake anyway).
+                tracing::debug!(error = e, "Cache refresh failed.");
+                return;
+            }
+            refreshed.store(true, Ordering::Release);
+        });
+        // Not in the request's span: a task that never ends would keep the
+        // span, and through it the request span, open after a cancelled
+        // handler is dropped.
+        let waiter = tokio::spawn(RefreshDone(done));
+        let _ = waiter.await;
+    }
+    .instrument(tracing::info_span!("kms.cache_refresh"))
+    .await;
 }
 
-/// `never-woken-kept-waker`: reloads the configuration, which ends with
-/// `notify_waiters()`, and only then subscribes with `notified()`. A
-/// `Notify` keeps no permit for `notify_waiters`, so the waker is stored
-/// and never fired (a missed notification). Span: `kms.config_reload`.
+/// The cache backend `never-woken-lost-waker` refreshes from: unavailable.
+fn refresh_cache_backend() -> Result<(), &'static str> {
+    Err("cache backend unavailable")
+}
+
+/// `never-woken-kept-waker`: waits for the configuration reload that the
+/// first request starts. The reload runs once, and ends with
+/// `notify_waiters()` before the first request subscribes with
+/// `notified()`; a `Notify` keeps no permit for `notify_waiters`, so every
+/// waiter's waker is stored and never fired (a missed notification, and
+/// no second reload ever comes). Span: `kms.config_reload`.
 pub async fn await_config_reload(kms: &Kms) {
     kms.counters.never_woken.fetch_add(1, Ordering::Relaxed);
     async {
-        kms.config_reload.notify_waiters(); // the reload is done
+        if !kms.config_reloaded.swap(true, Ordering::AcqRel) {
+            kms.config_reload.notify_waiters(); // the one reload is done
+        }
         kms.config_reload.notified().await; // the bug: subscribed too late
     }
     .instrument(tracing::info_span!("kms.config_reload"))

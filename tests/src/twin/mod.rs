@@ -55,6 +55,10 @@ pub struct TwinArgs {
     /// Without it the fault is in force from the start.
     #[arg(long, env = "KMS_TWIN_FAULT_AFTER", value_parser = humantime::parse_duration)]
     pub fault_after: Option<Duration>,
+    /// Serve plain HTTP (HTTP/1.1, or h2 by prior knowledge) instead of HTTPS,
+    /// as a KMS behind a TLS-terminating proxy is probed.
+    #[arg(long, env = "KMS_TWIN_PLAIN_HTTP")]
+    pub plain_http: bool,
     /// Every client is an RA-TLS client: verify its quote against PCCS before
     /// dispatching any method (upstream: `ra-rpc/src/rocket_helper.rs`).
     #[arg(long, env = "KMS_TWIN_ATTEST_CLIENTS")]
@@ -212,7 +216,10 @@ pub fn run_as(args: TwinArgs, subcommand: Vec<std::ffi::OsString>) -> anyhow::Re
     let identity = tls::TlsIdentity::generate()?;
     let ready = ReadyInfo {
         pid: std::process::id(),
-        kms_url: format!("https://{local}"),
+        kms_url: format!(
+            "{}://{local}",
+            if args.plain_http { "http" } else { "https" }
+        ),
         admin_url: format!("http://{admin}"),
         webhook_addr: addrs.webhook,
         pccs_addr: addrs.pccs,
@@ -235,7 +242,8 @@ pub fn run_as(args: TwinArgs, subcommand: Vec<std::ffi::OsString>) -> anyhow::Re
 
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        server::serve(listener, identity.acceptor(), kms).await;
+        let acceptor = (!args.plain_http).then(|| identity.acceptor());
+        server::serve(listener, acceptor, kms).await;
         Ok::<(), anyhow::Error>(())
     });
     drop(guard);

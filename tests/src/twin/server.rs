@@ -46,8 +46,13 @@ const MAX_BODY: usize = 1024 * 1024;
 /// Rocket's value).
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 
-/// Serves the prpc routes on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, acceptor: TlsAcceptor, kms: Arc<Kms>) {
+/// Serves the prpc routes on `listener` until the process ends: over TLS
+/// with `acceptor`, or plain HTTP (h2 by prior knowledge) without.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    kms: Arc<Kms>,
+) {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
@@ -93,10 +98,14 @@ fn track_forever(kms: &Kms, tcp: tokio::net::TcpStream) -> Option<tokio::net::Tc
 async fn connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    acceptor: Option<TlsAcceptor>,
     kms: Arc<Kms>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let Some(acceptor) = acceptor else {
+        serve_http(TokioIo::new(tcp), peer, kms).await;
+        return;
+    };
     let tls = match acceptor.accept(tcp).await {
         Ok(tls) => tls,
         Err(e) => {
@@ -104,6 +113,14 @@ async fn connection(
             return;
         }
     };
+    serve_http(TokioIo::new(tls), peer, kms).await;
+}
+
+/// HTTP/1.1 or h2 on one connection, as Rocket serves it.
+async fn serve_http<I>(io: I, peer: SocketAddr, kms: Arc<Kms>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req| handle(req, peer, kms.clone()));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -111,7 +128,7 @@ async fn connection(
         .half_close(true)
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(15));
-    if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+    if let Err(e) = builder.serve_connection(io, service).await {
         tracing::debug!(%peer, error = %e, "Connection ended with an error.");
     }
 }

@@ -79,6 +79,8 @@ pub struct Kms {
     pub boot_config: std::sync::Mutex<u64>,
     /// Config-reload notifications (`never-woken-kept-waker`).
     pub config_reload: tokio::sync::Notify,
+    /// Whether the one configuration reload has run.
+    pub config_reloaded: AtomicBool,
     /// The key-store actor's mailbox (`hung-actor`), started on first use.
     pub key_actor: tokio::sync::OnceCell<crate::twin::hazards::KeyActor>,
     /// Whether the cache warmers of `scheduler-starvation` were spawned.
@@ -144,6 +146,7 @@ impl Kms {
             self_boot_info: tokio::sync::OnceCell::new(),
             boot_config: std::sync::Mutex::new(0),
             config_reload: tokio::sync::Notify::new(),
+            config_reloaded: AtomicBool::new(false),
             key_actor: tokio::sync::OnceCell::new(),
             warmers_started: AtomicBool::new(false),
             counters: Counters::default(),
