@@ -24,6 +24,12 @@ assert "9100:9100" in compose["services"]["kms"]["ports"]
 assert "6669:6669" in compose["services"]["kms"]["ports"]
 env = compose["services"]["kms"]["environment"]
 assert env["KMS_DIAG_OTLP_ENDPOINT"].startswith("http://10.0.2.2:"), env
-print("compose.yaml: embedded kms.toml parses; RPC 9100 and console 6669 published; OTLP to 10.0.2.2")
+# The console binds beyond loopback inside the container only by intent, and
+# exports carry the collector's token.
+assert env["KMS_DIAG_CONSOLE_EXPOSE"] == "1", env
+assert env["KMS_DIAG_OTLP_HEADERS"].startswith("authorization=Bearer%20${KMS_DIAG_TOKEN}"), env
+dockerfile = open("Dockerfile").read()
+assert "KMS_DIAG_CONSOLE_EXPOSE=1" in dockerfile
+print("compose.yaml: embedded kms.toml parses; RPC 9100 and console 6669 published; OTLP to 10.0.2.2 with the token; console exposed by intent")
 PY
 echo "image files: ok"

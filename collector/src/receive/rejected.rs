@@ -91,9 +91,13 @@ impl Rejections {
         let mut rows = Vec::new();
         for ((peer, reason), tally) in map.iter_mut().filter(|(_, t)| t.pending > 0) {
             let peer = peer.map_or_else(|| "other".to_owned(), |p| p.to_string());
+            let one = tally.pending == 1;
             let what = match reason {
+                RejectReason::MissingToken if one => "export attempt without a token",
                 RejectReason::MissingToken => "export attempts without a token",
+                RejectReason::WrongToken if one => "export attempt with a wrong token",
                 RejectReason::WrongToken => "export attempts with a wrong token",
+                RejectReason::TlsHandshake if one => "failed TLS handshake",
                 RejectReason::TlsHandshake => "failed TLS handshakes",
             };
             rows.push(EventRow {
