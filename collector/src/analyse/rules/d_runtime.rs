@@ -475,12 +475,12 @@ pub(crate) fn listen_summary(m: &Model<'_>) -> String {
         return "no connection waited in the listen queue".into();
     };
     format!(
-        "{} connections waited unaccepted in the listen queue{} for {} samples in a row (peak {}, {} at the last){}",
-        run.first,
+        "connections waited unaccepted in the listen queue{} for {} samples in a row: {} at first, {} at the last (peak {}){}",
         l.backlog.map(|b| format!(" (backlog {b})")).unwrap_or_default(),
         run.samples,
-        run.peak,
+        run.first,
         run.last,
+        run.peak,
         if l.unaccepted_close_wait_peak > 0 {
             format!(
                 "; {} of them already given up by their client (CLOSE_WAIT, never accepted)",
