@@ -8,9 +8,9 @@
 //! After the commit, the request is offered to the forwarder, which never
 //! blocks.
 //!
-//! Before any of that, both ports may ask for a bearer token ([`auth`]) and
-//! speak TLS ([`conn`]); refused attempts are counted per sender and stored
-//! as `kms.collector.rejected` events ([`rejected`]).
+//! Before any of that, both ports may ask for a bearer token ([`Token`]) and
+//! speak TLS ([`TlsFiles`]); refused attempts are counted per sender and
+//! stored as `kms.collector.rejected` events ([`rejected`]).
 
 pub(crate) mod auth;
 pub(crate) mod conn;

@@ -1,14 +1,14 @@
 //! Export attempts refused before they were read (no or wrong token, failed
 //! TLS handshake), counted per sender and stored as evidence.
 //!
-//! The receivers count into [`Rejections`]; the stats loop turns what came
-//! in since its last turn into one `kms.collector.rejected` event row per
-//! sender and reason ([`Rejections::take_rows`]), through the store stage
+//! The receivers count into a per-sender tally; the collector's stats loop
+//! (every 10 s, and at shutdown) turns what came in since its last turn into
+//! one [`REJECTED_EVENT`] row per sender and reason, through the store stage
 //! like any export. Attributes of each row:
 //!
 //! | attribute | meaning |
 //! |---|---|
-//! | `peer.address` | the sender's IP address (`other` past [`MAX_SENDERS`] senders) |
+//! | `peer.address` | the sender's IP address (`other` past 1024 senders) |
 //! | `reject.reason` | `missing_token`, `wrong_token` or `tls_handshake` |
 //! | `reject.count` | attempts since the previous row of this sender and reason |
 //! | `reject.first_ns`, `reject.last_ns` | first and last of those attempts |
