@@ -14,6 +14,9 @@
 //! | `reject.first_ns`, `reject.last_ns` | first and last of those attempts |
 //! | `reject.total` | attempts since the collector started |
 //!
+//! The address is the one this host sees: behind QEMU user networking every
+//! guest connects from the QEMU process, i.e. from `127.0.0.1`.
+//!
 //! Rows are deltas: the attempts inside a time window are the sum of
 //! `reject.count` over the rows inside it (`Reader::events(REJECTED_EVENT,
 //! window)`).
