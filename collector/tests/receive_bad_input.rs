@@ -495,3 +495,76 @@ async fn backpressure_answers_retry_later_and_acks_only_after_commit() {
     assert_eq!(n, 20);
     server.shutdown().await.expect("clean shutdown");
 }
+
+/// Reads one HTTP/1.1 response (headers and a Content-Length body) from `s`.
+fn read_response(s: &mut TcpStream) -> (String, String) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).expect("response headers");
+        assert_eq!(
+            n,
+            1,
+            "closed mid-headers: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().expect("length"));
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("response body");
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_is_readable_and_keeps_the_connection() {
+    let t = server().await;
+    let addr = t.server.http_addr();
+    tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        // An oversized body, written whole before reading: answered 413
+        // after the server has read it, and the connection stays usable.
+        let mut req = format!(
+            "POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+            LIMIT + 1
+        )
+        .into_bytes();
+        req.extend(vec![0u8; LIMIT + 1]);
+        s.write_all(&req).expect("the whole oversized request is written");
+        let (head, _) = read_response(&mut s);
+        assert!(head.starts_with("http/1.1 413"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        let good = valid_body(77);
+        let mut req = format!(
+            "POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+            good.len()
+        )
+        .into_bytes();
+        req.extend(good);
+        s.write_all(&req).expect("second request");
+        let (head, _) = read_response(&mut s);
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+
+        // A client waiting for `100 Continue` with a body past the drain
+        // limit is answered at once, and told the connection closes.
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\nContent-Length: 104857600\r\nExpect: 100-continue\r\n\r\n")
+            .expect("headers");
+        let (head, body) = read_response(&mut s);
+        assert!(head.starts_with("http/1.1 413"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(body.contains("larger than"), "{body}");
+    })
+    .await
+    .expect("raw client");
+    assert_eq!(t.query_i64("SELECT COUNT(*) FROM spans"), 10);
+    t.server.shutdown().await.expect("clean shutdown");
+}
