@@ -492,6 +492,11 @@ pub(crate) fn listen_summary(m: &Model<'_>) -> String {
     )
 }
 
+/// True when closed outbound calls to some peer were slow during the failure.
+fn slow_calls(m: &Model<'_>) -> bool {
+    m.closed_calls.values().any(|c| !c.slow.is_empty())
+}
+
 /// True when `kms.runtime` samples cover the failure window with no
 /// persistent lag and no stall counts.
 pub(crate) fn runtime_healthy(m: &Model<'_>) -> bool {
@@ -701,10 +706,12 @@ impl Rule for NoRequestSeen {
         "open and cancelled kms.request spans; kms.request spans started in the failure window; process fds"
     }
     fn check(&self, m: &Model<'_>) -> Option<Finding> {
-        if !m.hang || m.hung().next().is_some() || m.d.connections.exhausted() {
+        if !m.hang || m.hung().next().is_some() || m.d.connections.exhausted() || slow_calls(m) {
             return None;
         }
-        let why = if m.d.connections.requests_started_in_failure == Some(0) {
+        let why = if m.d.resources.listen.not_accepting {
+            "GetMeta hangs and connections wait unaccepted in the listen queue while fds stay below the limit and no request hangs in the handler: a connection limit in the accept loop and an accept task that is never woken look alike here (tokio-console's lost-waker lint or the task dump would tell)"
+        } else if m.d.connections.requests_started_in_failure == Some(0) {
             "GetMeta hangs and no request reached the handler while fds stay below the limit: the requests stop before the handler (accept, TLS, routing) and nothing shows where"
         } else {
             "GetMeta hangs, but no request span is open or was cancelled: the spans that would show where requests wait are missing"
@@ -750,32 +757,37 @@ impl Rule for HealthyAndWaitsElsewhere {
             return Some(Finding::one(Effect::RulesOut, healthy));
         }
         let hung: Vec<&StuckSpan> = m.hung().collect();
-        let elsewhere =
-            if hung.is_empty() {
-                let c = &m.d.connections;
-                if !c.exhausted() {
-                    return None;
-                }
+        let elsewhere = if hung.is_empty() {
+            if m.d.connections.exhausted() {
                 "no request hung in the handler; fds ran out (E)".to_owned()
-            } else if hung.iter().any(|s| unaccounted(m, s)) {
+            } else if slow_calls(m) {
+                "no request hung: the requests of the failure window completed late, waiting on slow outbound calls".to_owned()
+            } else {
                 return None;
-            } else if hung
-                .iter()
-                .all(|s| s.waits_on.is_outbound() || s.queued_behind.is_some())
-            {
-                format!(
+            }
+        } else if hung.iter().any(|s| unaccounted(m, s)) {
+            return None;
+        } else if hung
+            .iter()
+            .all(|s| s.waits_on.is_outbound() || s.queued_behind.is_some())
+        {
+            format!(
                 "all {} hung requests wait on outbound calls, directly or queued behind one: {}",
                 hung.len(),
                 wait_summary(hung.iter().copied())
             )
-            } else {
-                format!(
+        } else {
+            format!(
                 "the {} hung requests wait on I/O or on resources the process ran out of ({}): {}",
                 hung.len(),
-                if m.d.memory.near_limit { "memory near its limit, C" } else { "fds, E" },
+                if m.d.memory.near_limit {
+                    "memory near its limit, C"
+                } else {
+                    "fds, E"
+                },
                 wait_summary(hung.iter().copied())
             )
-            };
+        };
         Some(Finding::new(
             Effect::RulesOut,
             vec![healthy, Evidence::new("waits_elsewhere", elsewhere)],

@@ -290,6 +290,15 @@ impl Rule for WaitsElsewhere {
                     wait_summary(hung.iter().copied())
                 ),
             ));
+        } else if let Some((other, _)) = m
+            .closed_calls
+            .iter()
+            .find(|(p, c)| p.as_str() != peer && p.as_str() != "other" && !c.slow.is_empty())
+        {
+            ev.push(Evidence::new(
+                "waits_elsewhere",
+                format!("no request hung; the failing requests completed late, waiting on slow calls to {other}"),
+            ));
         } else if m.d.connections.requests_started_in_failure == Some(0) {
             ev.push(Evidence::new(
                 "no_request_reached",
@@ -333,7 +342,8 @@ impl Rule for NoHungRequestSeen {
     }
     fn check(&self, m: &Model<'_>) -> Option<Finding> {
         let reached = m.d.connections.requests_started_in_failure != Some(0);
-        if !m.hang || !m.has_spans || m.hung().next().is_some() || !reached {
+        let slow = m.closed_calls.values().any(|c| !c.slow.is_empty());
+        if !m.hang || !m.has_spans || m.hung().next().is_some() || !reached || slow {
             return None;
         }
         Some(Finding::one(
