@@ -1,4 +1,4 @@
-//! Pass 7, connections: open fds and CLOSE_WAIT growth against the fd limit
+//! Pass 8, connections: open fds and CLOSE_WAIT growth against the fd limit
 //! (`kms.process`), accept errors (EMFILE in any log record), and whether
 //! requests still reach the handler while the probe fails (a `kms.request`
 //! span starts for every request the handler sees). fds near the limit or

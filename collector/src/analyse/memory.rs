@@ -1,4 +1,4 @@
-//! Pass 6, memory: the RSS trend of `kms.process` samples against the
+//! Pass 7, memory: the RSS trend of `kms.process` samples against the
 //! process's memory limit (cgroup `memory.max`, else MemTotal). RSS near the
 //! limit points at C.
 

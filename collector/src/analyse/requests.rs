@@ -1,4 +1,4 @@
-//! Pass 7, request fates: every `kms.request` in the failure window is
+//! Pass 9, request fates: every `kms.request` in the failure window is
 //! accounted for as completed, failed, cancelled or still open, and every
 //! hung one (open or cancelled) gets a wait location: the innermost span it
 //! was in. Then:

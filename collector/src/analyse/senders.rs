@@ -1,4 +1,4 @@
-//! Pass 9, refused senders: export attempts the collector refused (no or
+//! Pass 11, refused senders: export attempts the collector refused (no or
 //! wrong token, failed TLS handshake), summed per sender and reason from the
 //! `kms.collector.rejected` rows the receivers store. They are not evidence
 //! about the KMS; they say who else tried to write evidence.

@@ -1,5 +1,5 @@
-//! Pass 8, verdicts: each hypothesis is an ordered list of small rules over
-//! one model (the findings of passes 1-7), like tokio-console's lints.
+//! Pass 10, verdicts: each hypothesis is an ordered list of small rules over
+//! one model (the findings of passes 1-9), like tokio-console's lints.
 //!
 //! A rule reads named facts and, when it applies, returns a [`Finding`]
 //! that confirms the hypothesis, rules it out, says which data would decide
