@@ -5,6 +5,7 @@ pub mod analyse;
 pub mod console;
 pub mod export;
 pub mod forward;
+pub mod jaeger_storage;
 pub mod probe;
 pub mod receive;
 pub mod report;

@@ -1,5 +1,15 @@
 //! Jaeger `/api/traces` JSON, the shape the Jaeger UI's "JSON file" upload
 //! reads: `{"data":[{"traceID","spans":[..],"processes":{..}}]}`.
+//!
+//! It reads as Jaeger v2 itself renders the same spans (checked against a
+//! real Jaeger in `tests/jaeger_export.rs`): tags sorted by key, `span.kind`,
+//! `otel.scope.name`, `otel.status_code` (`OK`/`ERROR`),
+//! `otel.status_description` and `error=true` from the status, resource
+//! attributes other than `service.name` as process tags, events as logs
+//! whose first field is `event`. An open-span snapshot also carries
+//! `incomplete=true`, `error=true` and a span warning
+//! ([`open_span_warning`]), as it does when Jaeger reads it live through
+//! `serve --jaeger-storage`.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +33,23 @@ fn tags_of(attrs: &Value) -> Vec<Value> {
         .as_object()
         .map(|m| m.iter().map(|(k, v)| tag(k, v)).collect())
         .unwrap_or_default()
+}
+
+/// Sorts tags by key, as Jaeger's query service does before answering.
+fn sorted(mut tags: Vec<Value>) -> Vec<Value> {
+    tags.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
+    tags
+}
+
+/// The warning an open-span snapshot carries in Jaeger: the UI shows it on
+/// the span.
+pub(crate) fn open_span_warning(s: &SpanRow) -> String {
+    format!(
+        "still open at its last snapshot{}: duration is the time open so far",
+        s.snapshot_seq
+            .map(|n| format!(" (#{n})"))
+            .unwrap_or_default()
+    )
 }
 
 fn kind_name(kind: i32) -> Option<&'static str> {
@@ -60,10 +87,12 @@ pub fn jaeger_json(spans: &[SpanRow]) -> Value {
                         None => {
                             processes.push((service.clone(), &s.resource));
                             let pid = format!("p{}", processes.len());
-                            let ptags: Vec<Value> = tags_of(&s.resource)
-                                .into_iter()
-                                .filter(|t| t["key"] != "service.name")
-                                .collect();
+                            let ptags: Vec<Value> = sorted(
+                                tags_of(&s.resource)
+                                    .into_iter()
+                                    .filter(|t| t["key"] != "service.name")
+                                    .collect(),
+                            );
                             process_map.insert(
                                 pid.clone(),
                                 json!({"serviceName": service, "tags": ptags}),
@@ -95,9 +124,12 @@ fn span_json(s: &SpanRow, pid: &str) -> Value {
     }
     let mut warnings = Vec::new();
     let is_error = s.status_code == 2 || s.incomplete;
+    if s.status_code == 1 && !s.incomplete {
+        tags.push(tag("otel.status_code", &json!("OK")));
+    }
     if s.status_code == 2 {
         tags.push(tag("otel.status_code", &json!("ERROR")));
-        if let Some(m) = &s.status_message {
+        if let Some(m) = s.status_message.as_ref().filter(|m| !m.is_empty()) {
             tags.push(tag("otel.status_description", &json!(m)));
         }
     }
@@ -105,12 +137,7 @@ fn span_json(s: &SpanRow, pid: &str) -> Value {
         // The snapshot's own attributes may already say incomplete; say it once.
         tags.retain(|t| t["key"] != "incomplete");
         tags.push(tag("incomplete", &json!(true)));
-        warnings.push(json!(format!(
-            "still open at its last snapshot{}: duration is the time open so far",
-            s.snapshot_seq
-                .map(|n| format!(" (#{n})"))
-                .unwrap_or_default()
-        )));
+        warnings.push(json!(open_span_warning(s)));
     }
     if is_error {
         tags.retain(|t| t["key"] != "error");
@@ -132,7 +159,7 @@ fn span_json(s: &SpanRow, pid: &str) -> Value {
                         "event",
                         &json!(e.get("name").and_then(Value::as_str).unwrap_or("")),
                     )];
-                    fields.extend(tags_of(e.get("attributes").unwrap_or(&Value::Null)));
+                    fields.extend(sorted(tags_of(e.get("attributes").unwrap_or(&Value::Null))));
                     json!({
                         "timestamp": e.get("time_ns").and_then(Value::as_i64).unwrap_or(0) / 1000,
                         "fields": fields,
@@ -144,12 +171,11 @@ fn span_json(s: &SpanRow, pid: &str) -> Value {
     json!({
         "traceID": s.trace_id,
         "spanID": s.span_id,
-        "flags": 1,
         "operationName": s.name,
         "references": references,
         "startTime": s.start_ns / 1000,
         "duration": (s.end_ns - s.start_ns).max(0) / 1000,
-        "tags": tags,
+        "tags": sorted(tags),
         "logs": logs,
         "processID": pid,
         "warnings": if warnings.is_empty() { Value::Null } else { Value::Array(warnings) },

@@ -15,7 +15,9 @@ mod jaeger;
 mod otlp;
 
 pub use jaeger::jaeger_json;
+pub(crate) use jaeger::open_span_warning;
 pub use otlp::otlp_json;
+pub(crate) use otlp::otlp_request;
 
 /// Export format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

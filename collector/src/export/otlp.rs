@@ -65,6 +65,10 @@ fn span_proto(s: &SpanRow) -> Span {
         for key in ["incomplete", "error"] {
             attributes.push(kv(key, any(&Value::Bool(true))));
         }
+        if !attributes.iter().any(|kv| kv.key == "kms.open.age_ms") {
+            let age_ms = (s.end_ns - s.start_ns).max(0) / 1_000_000;
+            attributes.push(kv("kms.open.age_ms", any(&Value::from(age_ms))));
+        }
     }
     let events = s
         .events
@@ -113,6 +117,13 @@ fn span_proto(s: &SpanRow) -> Span {
 
 /// The spans as OTLP JSON.
 pub fn otlp_json(spans: &[SpanRow]) -> Value {
+    serde_json::to_value(otlp_request(spans)).unwrap_or(Value::Null)
+}
+
+/// The spans as one OTLP request: one `ResourceSpans` per distinct
+/// resource, one `ScopeSpans` per scope, spans in the order given. Open-span
+/// snapshots carry `incomplete=true`, `error=true` and `kms.open.age_ms`.
+pub(crate) fn otlp_request(spans: &[SpanRow]) -> ExportTraceServiceRequest {
     let mut resources: Vec<ResourceSpans> = Vec::new();
     let mut keys: Vec<&Value> = Vec::new();
     for s in spans {
@@ -156,8 +167,7 @@ pub fn otlp_json(spans: &[SpanRow]) -> Value {
         };
         rs.scope_spans[si].spans.push(span_proto(s));
     }
-    let req = ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
         resource_spans: resources,
-    };
-    serde_json::to_value(&req).unwrap_or(Value::Null)
+    }
 }

@@ -90,6 +90,12 @@ impl ForwardConfig {
         self
     }
 
+    /// Longest retry delay (default [`Self::DEFAULT_MAX_BACKOFF`]).
+    pub fn max_backoff(mut self, d: Duration) -> Self {
+        self.max_backoff = d;
+        self
+    }
+
     /// Deadline of one call (default [`Self::DEFAULT_TIMEOUT`]).
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;

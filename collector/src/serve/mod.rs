@@ -38,6 +38,13 @@ pub struct ServeArgs {
     /// to this URL, e.g. a Jaeger all-in-one at `http://127.0.0.1:14317`.
     #[arg(long, env = "KMS_COLLECTOR_FORWARD")]
     pub forward: Option<String>,
+    /// Serve Jaeger's remote-storage API from the store on this address
+    /// (e.g. `127.0.0.1:17271`), for a Jaeger v2 with a `grpc` storage
+    /// backend: it then shows every stored trace, stuck requests included
+    /// (their newest open-span snapshot). No authentication: keep it on
+    /// loopback.
+    #[arg(long, env = "KMS_COLLECTOR_JAEGER_STORAGE")]
+    pub jaeger_storage: Option<SocketAddr>,
     /// Record the KMS's tokio-console (console-subscriber) at this URL, e.g.
     /// `http://127.0.0.1:6669`, or at a Unix socket as tokio-console names
     /// it, `file://localhost/PATH` (the library's `KMS_DIAG_CONSOLE_BIND=unix:PATH`).
@@ -154,6 +161,7 @@ impl ServeArgs {
             .otlp_grpc(self.otlp_grpc)
             .otlp_http(self.otlp_http)
             .forward(self.forward.clone().map(ForwardConfig::new))
+            .jaeger_storage(self.jaeger_storage)
             .console(self.console.clone())
             .probe(
                 self.probe
@@ -214,8 +222,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let server = Server::start(config)
         .await
         .with_context(|| format!("starting the collector with store {}", args.db.display()))?;
+    let jaeger = server
+        .jaeger_storage_addr()
+        .map(|a| format!(" jaeger-storage={a}"))
+        .unwrap_or_default();
     println!(
-        "listening otlp-grpc={} otlp-http={} db={}",
+        "listening otlp-grpc={} otlp-http={}{jaeger} db={}",
         server.grpc_addr(),
         server.http_addr(),
         server.db_path().display()

@@ -41,6 +41,7 @@ pub struct ServerConfig {
     pub(crate) otlp_grpc: SocketAddr,
     pub(crate) otlp_http: SocketAddr,
     pub(crate) forward: Option<ForwardConfig>,
+    pub(crate) jaeger_storage: Option<SocketAddr>,
     pub(crate) console: Option<String>,
     pub(crate) probe: Option<ProbeConfig>,
     pub(crate) retention: Retention,
@@ -63,6 +64,7 @@ impl Default for ServerConfig {
             otlp_grpc: SocketAddr::from(([127, 0, 0, 1], 4317)),
             otlp_http: SocketAddr::from(([127, 0, 0, 1], 4318)),
             forward: None,
+            jaeger_storage: None,
             console: None,
             probe: None,
             retention: Retention {
@@ -122,6 +124,15 @@ impl ServerConfig {
     /// Forward everything received to this OTLP/gRPC destination (default: none).
     pub fn forward(mut self, forward: Option<ForwardConfig>) -> Self {
         self.forward = forward;
+        self
+    }
+
+    /// Serve Jaeger's remote-storage API (`jaeger.storage.v2` TraceReader and
+    /// DependencyReader, OTLP TraceService) from the store on this address;
+    /// port 0 picks a free port (default: none). `serve --jaeger-storage`.
+    /// See [`crate::jaeger_storage`].
+    pub fn jaeger_storage(mut self, addr: Option<SocketAddr>) -> Self {
+        self.jaeger_storage = addr;
         self
     }
 
@@ -242,6 +253,15 @@ pub enum ServeError {
     /// The console recorder could not be started.
     #[error(transparent)]
     Console(#[from] crate::console::ConsoleError),
+    /// The Jaeger remote-storage address could not be bound.
+    #[error("binding jaeger-storage on {addr}: {source}")]
+    JaegerStorage {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The TLS certificate or key is not usable.
     #[error(transparent)]
     Tls(#[from] crate::receive::TlsError),
@@ -259,6 +279,7 @@ pub struct Server;
 pub struct ServerHandle {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    jaeger_storage_addr: Option<SocketAddr>,
     db: PathBuf,
     stop: watch::Sender<bool>,
     receivers: Vec<JoinHandle<()>>,
@@ -324,6 +345,21 @@ impl Server {
         let bound = |l: &TcpListener, what, addr| {
             l.local_addr()
                 .map_err(|source| ServeError::Bind { what, addr, source })
+        };
+        let jaeger_storage = match config.jaeger_storage {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::JaegerStorage { addr, source })?;
+                let bound = l
+                    .local_addr()
+                    .map_err(|source| ServeError::JaegerStorage { addr, source })?;
+                if !bound.ip().is_loopback() {
+                    tracing::warn!(addr = %bound, "Jaeger's remote-storage API is served beyond loopback, without authentication: anyone who reaches it can read every stored trace.");
+                }
+                Some((l, bound))
+            }
+            None => None,
         };
         let grpc_addr = bound(&grpc, "otlp-grpc", config.otlp_grpc)?;
         let http_addr = bound(&http, "otlp-http", config.otlp_http)?;
@@ -395,8 +431,22 @@ impl Server {
         {
             let shutdown = until_stopped(stopped.clone());
             receivers.push(tokio::spawn(receive::http::serve(
-                http, http_tls, ingest, shutdown, GRACE,
+                http,
+                http_tls,
+                ingest.clone(),
+                shutdown,
+                GRACE,
             )));
+        }
+        let jaeger_storage_addr = jaeger_storage.as_ref().map(|(_, a)| *a);
+        if let Some((listener, _)) = jaeger_storage {
+            let shutdown = until_stopped(stopped.clone());
+            let db = config.db.clone();
+            receivers.push(tokio::spawn(async move {
+                if let Err(e) = crate::jaeger_storage::serve(listener, db, ingest, shutdown).await {
+                    tracing::error!(error = %e, "The Jaeger remote-storage server stopped.");
+                }
+            }));
         }
 
         let background = vec![
@@ -419,6 +469,7 @@ impl Server {
         Ok(ServerHandle {
             grpc_addr,
             http_addr,
+            jaeger_storage_addr,
             db: config.db,
             stop,
             receivers,
@@ -524,6 +575,11 @@ impl ServerHandle {
     /// Where OTLP/HTTP is served.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Where Jaeger's remote-storage API is served, when asked for.
+    pub fn jaeger_storage_addr(&self) -> Option<SocketAddr> {
+        self.jaeger_storage_addr
     }
 
     /// The SQLite file.

@@ -5,6 +5,7 @@
 pub(crate) mod encoded;
 mod model;
 mod reader;
+mod search;
 mod sqlite;
 mod stage;
 mod writer;
@@ -16,6 +17,7 @@ pub use model::{
 };
 
 pub use reader::{DataBounds, ReadError, Reader, SqliteReader, TimeWindow};
+pub use search::{FoundTrace, OperationName, ServiceLink, TraceQuery};
 pub use sqlite::{count_rows, SqliteStore, SCHEMA_VERSION};
 pub use stage::{
     PendingWrite, StoreHandle, StoreStage, SubmitError, DEFAULT_MAX_GROUP, DEFAULT_QUEUE_CAPACITY,

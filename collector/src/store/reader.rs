@@ -10,6 +10,7 @@ use super::model::{
     ConsoleAsyncOpRow, ConsoleResourceRow, ConsoleSnapshot, ConsoleTaskRow, EventRow, ProbeAttempt,
     ProbeOutcome, SpanRow,
 };
+use super::search::{self, FoundTrace, OperationName, ServiceLink, TraceQuery};
 
 /// A closed interval of Unix nanoseconds, `[from_ns, to_ns]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -142,6 +143,21 @@ pub trait Reader {
 
     /// The console snapshot taken at `snapshot_ns` (empty if none).
     fn console_snapshot(&self, snapshot_ns: i64) -> Result<ConsoleSnapshot, ReadError>;
+
+    /// Every distinct span `service`, sorted, answered from an index.
+    fn services(&self) -> Result<Vec<String>, ReadError>;
+
+    /// Every distinct span name of `service`, sorted, answered from an index.
+    fn operations(&self, service: &str) -> Result<Vec<OperationName>, ReadError>;
+
+    /// Traces holding a span that meets every condition of `query`, newest
+    /// matching span first, at most `query.limit`; walks an index range,
+    /// never the whole table (see [`TraceQuery`] for the matching rules).
+    fn find_traces(&self, query: &TraceQuery) -> Result<Vec<FoundTrace>, ReadError>;
+
+    /// Calls between services (and to uninstrumented `kms.peer`s) by spans
+    /// that started inside `window`.
+    fn service_links(&self, window: TimeWindow) -> Result<Vec<ServiceLink>, ReadError>;
 }
 
 /// A [`Reader`] on a SQLite store file, through a read-only connection.
@@ -495,6 +511,21 @@ impl Reader for SqliteReader {
             resources,
             async_ops,
         })
+    }
+    fn services(&self) -> Result<Vec<String>, ReadError> {
+        search::services(&self.conn)
+    }
+
+    fn operations(&self, service: &str) -> Result<Vec<OperationName>, ReadError> {
+        search::operations(&self.conn, service)
+    }
+
+    fn find_traces(&self, query: &TraceQuery) -> Result<Vec<FoundTrace>, ReadError> {
+        search::find_traces(&self.conn, query)
+    }
+
+    fn service_links(&self, window: TimeWindow) -> Result<Vec<ServiceLink>, ReadError> {
+        search::service_links(&self.conn, window)
     }
 }
 

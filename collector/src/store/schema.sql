@@ -31,6 +31,12 @@ CREATE TABLE IF NOT EXISTS spans (
 CREATE INDEX IF NOT EXISTS spans_start ON spans(start_ns);
 CREATE INDEX IF NOT EXISTS spans_incomplete ON spans(incomplete) WHERE incomplete = 1;
 CREATE INDEX IF NOT EXISTS spans_received ON spans(received_ns);
+-- Trace search (Reader::services, operations, find_traces; what
+-- `serve --jaeger-storage` answers Jaeger's searches from): newest first per
+-- service, per service and operation, and by duration (snapshots: open so far).
+CREATE INDEX IF NOT EXISTS spans_service_start ON spans(service, start_ns);
+CREATE INDEX IF NOT EXISTS spans_service_name_start ON spans(service, name, start_ns);
+CREATE INDEX IF NOT EXISTS spans_service_name_duration ON spans(service, name, (end_ns - start_ns));
 
 -- Log records: the library's diagnostic events (kms.stall, kms.deadlock,
 -- kms.runtime, kms.task_metrics, kms.process, kms.export_drops, kms.startup,

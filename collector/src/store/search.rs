@@ -1,0 +1,289 @@
+//! Trace search over stored spans, the queries a tracing UI asks (services,
+//! operations, find traces by service, operation, attributes, duration and
+//! time range, service links). The [`Reader`](super::Reader) methods that
+//! answer them are implemented here for SQLite.
+//!
+//! Each query is answered from an index on `spans` (`schema.sql`:
+//! `spans_service_start`, `spans_service_name_start`,
+//! `spans_service_name_duration`), never by scanning the table: the distinct
+//! services and operations by skipping through the index, a search by
+//! walking the matching index range newest first until enough traces are
+//! found. Attribute conditions other than `incomplete` and `error` are
+//! checked on the rows the index yields.
+
+use std::collections::HashSet;
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
+use serde_json::Value;
+
+use super::reader::{ReadError, TimeWindow};
+
+/// A trace search: every condition given must hold for one span of the
+/// trace. `None` or empty means "any".
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TraceQuery {
+    /// Resource `service.name`.
+    pub service: Option<String>,
+    /// Span name (Jaeger's operation).
+    pub operation: Option<String>,
+    /// Attribute equalities, `(key, value)`. A span or its resource must
+    /// hold `key` with this value; a string matches a stored bool or number
+    /// with the same text (`"true"` matches `true`). `incomplete=true`
+    /// matches open-span snapshots, `error=true` spans with an error status
+    /// and snapshots.
+    pub attributes: Vec<(String, Value)>,
+    /// Earliest span start.
+    pub start_min_ns: Option<i64>,
+    /// Latest span start.
+    pub start_max_ns: Option<i64>,
+    /// Shortest span (for a snapshot: open so far).
+    pub duration_min_ns: Option<i64>,
+    /// Longest span.
+    pub duration_max_ns: Option<i64>,
+    /// Traces to return at most.
+    pub limit: usize,
+}
+
+/// One trace a search found, newest match first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundTrace {
+    /// 32 hex digits.
+    pub trace_id: String,
+    /// Start of the matching span.
+    pub start_ns: i64,
+    /// End (or snapshot time) of the matching span.
+    pub end_ns: i64,
+}
+
+/// One distinct operation of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperationName {
+    /// Span name.
+    pub name: String,
+    /// OTLP SpanKind of a span with that name (the first one in the index).
+    pub kind: i32,
+}
+
+/// Calls from one service to another seen in a time window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceLink {
+    /// The calling service.
+    pub parent: String,
+    /// The called service, or the `kms.peer` of an outbound call to an
+    /// uninstrumented peer (`auth_webhook`, ...).
+    pub child: String,
+    /// How many calls.
+    pub calls: u64,
+}
+
+pub(super) fn services(conn: &Connection) -> Result<Vec<String>, ReadError> {
+    // Skip-scan: one index seek per distinct service.
+    let mut stmt = conn.prepare_cached("SELECT MIN(service) FROM spans WHERE service > ?1")?;
+    let mut out = Vec::new();
+    let mut after = String::new();
+    while let Some(next) = stmt
+        .query_row(params![after], |r| r.get::<_, Option<String>>(0))
+        .optional()?
+        .flatten()
+    {
+        out.push(next.clone());
+        after = next;
+    }
+    Ok(out)
+}
+
+pub(super) fn operations(
+    conn: &Connection,
+    service: &str,
+) -> Result<Vec<OperationName>, ReadError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, kind FROM spans WHERE service = ?1 AND name > ?2 \
+         ORDER BY service, name LIMIT 1",
+    )?;
+    let mut out = Vec::new();
+    let mut after = String::new();
+    while let Some((name, kind)) = stmt
+        .query_row(params![service, after], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i32>(1)?))
+        })
+        .optional()?
+    {
+        after = name.clone();
+        out.push(OperationName { name, kind });
+    }
+    Ok(out)
+}
+
+/// True when the stored `value` reads as the queried `want`.
+fn value_matches(value: &Value, want: &Value) -> bool {
+    match (value, want) {
+        (v, w) if v == w => true,
+        (Value::Bool(b), Value::String(s)) => b.to_string() == *s,
+        (Value::Number(n), Value::String(s)) => n.to_string() == *s,
+        (Value::String(s), Value::Bool(b)) => b.to_string() == *s,
+        (Value::String(s), Value::Number(n)) => n.to_string() == *s,
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        _ => false,
+    }
+}
+
+fn is_true(v: &Value) -> bool {
+    matches!(v, Value::Bool(true)) || matches!(v, Value::String(s) if s == "true")
+}
+
+pub(super) fn find_traces(conn: &Connection, q: &TraceQuery) -> Result<Vec<FoundTrace>, ReadError> {
+    if q.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut sql = String::from("SELECT trace_id, start_ns, end_ns");
+    let mut conds: Vec<&str> = Vec::new();
+    let mut args: Vec<SqlValue> = Vec::new();
+    // `incomplete` and `error` are columns; other attributes are checked on
+    // the rows the index yields.
+    let mut residual: Vec<&(String, Value)> = Vec::new();
+    for kv in &q.attributes {
+        match (kv.0.as_str(), is_true(&kv.1)) {
+            ("incomplete", true) => conds.push("incomplete = 1"),
+            ("error", true) => conds.push("(status_code = 2 OR incomplete = 1)"),
+            _ => residual.push(kv),
+        }
+    }
+    if !residual.is_empty() {
+        sql.push_str(", attributes, resource");
+    }
+    sql.push_str(" FROM spans");
+    let duration = q.duration_min_ns.is_some() || q.duration_max_ns.is_some();
+    // Pick the index: a duration bound walks the duration index (the slow
+    // spans are few); otherwise the start index yields newest first.
+    let index = match (&q.service, &q.operation, duration) {
+        (Some(_), Some(_), true) => Some("spans_service_name_duration"),
+        (Some(_), Some(_), false) => Some("spans_service_name_start"),
+        (Some(_), None, _) => Some("spans_service_start"),
+        _ => None,
+    };
+    let hint_at = sql.len();
+    if let Some(s) = &q.service {
+        conds.push("service = ?");
+        args.push(SqlValue::Text(s.clone()));
+    }
+    if let Some(o) = &q.operation {
+        conds.push("name = ?");
+        args.push(SqlValue::Text(o.clone()));
+    }
+    if let Some(t) = q.start_min_ns {
+        conds.push("start_ns >= ?");
+        args.push(SqlValue::Integer(t));
+    }
+    if let Some(t) = q.start_max_ns {
+        conds.push("start_ns <= ?");
+        args.push(SqlValue::Integer(t));
+    }
+    if let Some(d) = q.duration_min_ns {
+        conds.push("end_ns - start_ns >= ?");
+        args.push(SqlValue::Integer(d));
+    }
+    if let Some(d) = q.duration_max_ns {
+        conds.push("end_ns - start_ns <= ?");
+        args.push(SqlValue::Integer(d));
+    }
+    if !conds.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conds.join(" AND "));
+    }
+    sql.push_str(" ORDER BY start_ns DESC");
+    // A store last opened by an older collector lacks the search indexes:
+    // answer without the hint (slower) rather than fail.
+    let hinted = index.map(|i| {
+        let mut h = sql.clone();
+        h.insert_str(hint_at, &format!(" INDEXED BY {i}"));
+        h
+    });
+    let mut stmt = match hinted.map(|h| conn.prepare(&h)) {
+        Some(Ok(stmt)) => stmt,
+        _ => conn.prepare(&sql)?,
+    };
+    let mut rows = stmt.query(params_from_iter(args))?;
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let trace_id: String = r.get(0)?;
+        if seen.contains(&trace_id) {
+            continue;
+        }
+        if !residual.is_empty() {
+            let attrs = parse(r.get(3)?);
+            let resource = parse(r.get(4)?);
+            let holds = |(k, want): &&(String, Value)| {
+                [&attrs, &resource]
+                    .iter()
+                    .any(|m| m.get(k).is_some_and(|v| value_matches(v, want)))
+            };
+            if !residual.iter().all(holds) {
+                continue;
+            }
+        }
+        seen.insert(trace_id.clone());
+        out.push(FoundTrace {
+            trace_id,
+            start_ns: r.get(1)?,
+            end_ns: r.get(2)?,
+        });
+        if out.len() >= q.limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn parse(text: Option<String>) -> Value {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
+}
+
+pub(super) fn service_links(
+    conn: &Connection,
+    window: TimeWindow,
+) -> Result<Vec<ServiceLink>, ReadError> {
+    // Parent links across services, and outbound calls to uninstrumented
+    // peers named by `kms.peer`.
+    let mut stmt = conn.prepare_cached(
+        "SELECT p.service, c.service, COUNT(*) FROM spans c \
+         JOIN spans p ON p.trace_id = c.trace_id AND p.span_id = c.parent_span_id \
+         WHERE c.start_ns BETWEEN ?1 AND ?2 AND p.service IS NOT NULL \
+         AND c.service IS NOT NULL AND p.service != c.service GROUP BY 1, 2 \
+         UNION ALL \
+         SELECT service, json_extract(attributes, '$.\"kms.peer\"'), COUNT(*) FROM spans \
+         WHERE start_ns BETWEEN ?1 AND ?2 AND kind = 3 AND service IS NOT NULL \
+         AND json_extract(attributes, '$.\"kms.peer\"') IS NOT NULL GROUP BY 1, 2 \
+         ORDER BY 1, 2",
+    )?;
+    let rows = stmt.query_map(params![window.from_ns, window.to_ns], |r| {
+        Ok(ServiceLink {
+            parent: r.get(0)?,
+            child: r.get(1)?,
+            calls: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_match_stored_bools_and_numbers() {
+        assert!(value_matches(&Value::Bool(true), &Value::from("true")));
+        assert!(value_matches(&Value::from(200), &Value::from("200")));
+        assert!(value_matches(
+            &Value::from("GetMeta"),
+            &Value::from("GetMeta")
+        ));
+        assert!(!value_matches(
+            &Value::from("GetMeta"),
+            &Value::from("getmeta")
+        ));
+        assert!(!value_matches(&Value::Bool(false), &Value::from("true")));
+    }
+}
