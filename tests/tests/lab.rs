@@ -23,14 +23,25 @@ fn config() -> LabConfig {
     }
 }
 
+/// Cases run side by side hold it shared; an exclusive case (one that burns
+/// or measures CPU) holds it alone.
+static LANE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// Runs the case `name` through the lab and checks what every run must
 /// satisfy: a settled verdict, the expected judgement, and no planted secret
 /// in the stored or exported telemetry.
 async fn lab(name: &str) -> ScenarioResult {
     let case = Case::by_name(name).expect("a lab case");
-    let result = run_case(&case, &config(), None)
-        .await
-        .unwrap_or_else(|e| panic!("lab run of {name}: {e:#}"));
+    let config = config();
+    let run = run_case(&case, &config, None);
+    let result = if case.setup.exclusive {
+        let _alone = LANE.write().await;
+        run.await
+    } else {
+        let _shared = LANE.read().await;
+        run.await
+    }
+    .unwrap_or_else(|e| panic!("lab run of {name}: {e:#}"));
     assert_no_secrets(&result);
     let judgement = judge(&result.case, &result.report);
     assert!(

@@ -39,6 +39,10 @@ pub struct Setup {
     pub collector_first: bool,
     /// The twin serves plain HTTP; probe and load use `http://`.
     pub plain_http: bool,
+    /// The case burns or measures CPU: `kms-lab matrix` (and the lab tests)
+    /// run it alone, so that it neither starves other cases' runtimes nor
+    /// is judged on their CPU use.
+    pub exclusive: bool,
 }
 
 /// CVMs booting: two methods that share locks and one without I/O.
@@ -71,6 +75,7 @@ impl Setup {
         max_blocking_threads: None,
         collector_first: false,
         plain_http: false,
+        exclusive: false,
     };
 
     const fn meta_load() -> Setup {
@@ -199,13 +204,33 @@ impl Case {
         ),
         case(Fault::LeakedSemaphorePermit, Setup::meta_load()),
         case(Fault::HungActor, Setup::meta_load()),
-        case(Fault::CpuBoundHandler, Setup::DEFAULT),
-        case(Fault::SchedulerStarvation, Setup::DEFAULT),
+        case(
+            Fault::CpuBoundHandler,
+            Setup {
+                exclusive: true,
+                ..Setup::DEFAULT
+            },
+        ),
+        case(
+            Fault::SchedulerStarvation,
+            Setup {
+                exclusive: true,
+                ..Setup::DEFAULT
+            },
+        ),
         case(Fault::WebhookSynBlackhole, Setup::meta_load()),
         case(Fault::BlockInPlace, Setup::meta_load()),
         case(Fault::WebhookHangUnderLock, Setup::meta_load()),
         case(Fault::SlowHandlers, Setup::meta_load()),
-        case(Fault::CpuHeavyYielding, Setup::meta_load()),
+        // A control for CPU-heavy handlers: judged alone, not against the
+        // other twins' CPU on the same cores.
+        case(
+            Fault::CpuHeavyYielding,
+            Setup {
+                exclusive: true,
+                ..Setup::meta_load()
+            },
+        ),
         Case {
             name: "bursty-load",
             fault: Fault::None,

@@ -30,21 +30,24 @@ impl Row {
     }
 }
 
-/// Runs `cases`, at most `jobs` at a time; `keep`: one sub-directory per
-/// case there.
+/// Runs `cases`, at most `jobs` at a time (an exclusive case alone);
+/// `keep`: one sub-directory per case there.
 pub async fn run_matrix(
     cases: &[Case],
     config: &LabConfig,
     jobs: usize,
     keep: Option<&Path>,
 ) -> Vec<Row> {
-    let permits = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+    let jobs = jobs.clamp(1, 64);
+    let permits = Arc::new(tokio::sync::Semaphore::new(jobs));
+    let all = u32::try_from(jobs).unwrap_or(1);
     let mut runs = tokio::task::JoinSet::new();
     for (index, &case) in cases.iter().enumerate() {
         let (permits, config) = (permits.clone(), config.clone());
         let keep = keep.map(|k| k.join(case.name));
         runs.spawn(async move {
-            let _permit = permits.acquire_owned().await;
+            let need = if case.setup.exclusive { all } else { 1 };
+            let _permit = permits.acquire_many_owned(need).await;
             let row = match run_case(&case, &config, keep.as_deref()).await {
                 Ok(result) => Row {
                     case,

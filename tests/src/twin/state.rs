@@ -153,19 +153,22 @@ impl Kms {
         }
     }
 
-    /// Puts `fault` in force, in the twin and in its fake peers.
+    /// Puts `fault` in force, in the fake peers first and then in the twin:
+    /// a request that sees the twin's side of a fault must meet the peers'
+    /// side too (a self-boot-info cell initialised from a guest agent that
+    /// was not hanging yet would never hang).
     pub async fn inject(&self, fault: Fault) {
         tracing::warn!(fault = fault.name(), "Fault injected.");
-        self.fault.set(fault);
-        self.config
-            .peers
-            .blackholed
-            .store(fault == Fault::WebhookSynBlackhole, Ordering::Relaxed);
         if let Some(peers) = &self.fake_peers {
             if let Err(e) = peers.set_fault(fault).await {
                 tracing::error!(error = %e, "Cannot reach the fake peers to inject the fault.");
             }
         }
+        self.config
+            .peers
+            .blackholed
+            .store(fault == Fault::WebhookSynBlackhole, Ordering::Relaxed);
+        self.fault.set(fault);
     }
 
     /// A counter's value.
