@@ -32,6 +32,13 @@
 //!
 //! Environment: `BENCH_SECS` (per cell, default 3), `BENCH_ROUNDS` (default
 //! 2), `BENCH_CONFIGS` and `BENCH_LOADS` (comma-separated subsets).
+//!
+//! Task dumps (feature `taskdump`, part of `full`): after the table, the cost
+//! of one `Handle::dump()` of a runtime with many idle request tasks (the
+//! pause the dumper imposes, once per open-span interval while requests are
+//! stuck), of symbolizing one stuck task's trace (on the dumper's thread), and
+//! the latency a concurrent request sees during dumps. `BENCH_TASKDUMP_ONLY=1`
+//! prints only that.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -390,6 +397,10 @@ struct CellResult {
 }
 
 fn parent() {
+    if std::env::var_os("BENCH_TASKDUMP_ONLY").is_some() {
+        taskdump_cost();
+        return;
+    }
     let secs: f64 = std::env::var("BENCH_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -523,6 +534,143 @@ fn parent() {
         }
     }
     println!("(RSS = peak of the server process; spans = closed kms.request/kms.outbound spans received / emitted; sampled = not exported by our trace rate limit (counted, by design); the rest of the gap is dropped; snapshots = open-span snapshots received / taken.)");
+    taskdump_cost();
+}
+
+/// Stuck "handlers": a request span around an await on a oneshot that is
+/// never answered, two async fns deep.
+#[inline(never)]
+async fn bench_wait_for_answer(answer: tokio::sync::oneshot::Receiver<()>) {
+    let _ = answer.await;
+}
+
+#[inline(never)]
+async fn bench_stuck_handler(answer: tokio::sync::oneshot::Receiver<()>) {
+    bench_wait_for_answer(answer).await;
+}
+
+/// The period of the concurrent request loop (`BENCH_TASKDUMP_PING_MS`, default 10).
+fn ping_every() -> Duration {
+    Duration::from_millis(
+        std::env::var("BENCH_TASKDUMP_PING_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10),
+    )
+}
+
+/// Prints what a task dump costs: the dump itself (the runtime pauses for
+/// it), symbolizing one task's trace, and a concurrent request's latency.
+fn taskdump_cost() {
+    let idle: usize = std::env::var("BENCH_TASKDUMP_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    const DUMPS: usize = 20;
+    let rt = instrumented_kms::runtime_builder(Some(2)).build().unwrap();
+    let mut senders = Vec::with_capacity(idle);
+    for _ in 0..idle {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        senders.push(tx);
+        rt.spawn(bench_stuck_handler(rx));
+    }
+    // A request loop running through the dumps: its worst latency is what a
+    // healthy request pays when a dump lands.
+    let stop = Arc::new(AtomicBool::new(false));
+    let worst_us = Arc::new(AtomicU64::new(0));
+    let pinger = {
+        let (stop, worst_us) = (stop.clone(), worst_us.clone());
+        rt.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if std::env::var_os("BENCH_NO_PINGER").is_some() {
+                    break;
+                }
+                let t = Instant::now();
+                tokio::time::sleep(ping_every()).await;
+                let took = t.elapsed().as_micros() as u64;
+                worst_us.fetch_max(took, Ordering::Relaxed);
+            }
+        })
+    };
+    let dumper = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let handle = rt.handle().clone();
+    let mut times = Vec::with_capacity(DUMPS);
+    let mut tasks = 0;
+    let mut last = None;
+    let mut timeouts = 0;
+    for _ in 0..DUMPS {
+        let t = Instant::now();
+        // As the library does: a dump that does not come back in time is
+        // counted, not waited for.
+        let dump = dumper
+            .block_on(async { tokio::time::timeout(Duration::from_secs(2), handle.dump()).await });
+        match dump {
+            Ok(dump) => {
+                times.push(t.elapsed());
+                tasks = dump.tasks().iter().count();
+                last = Some(dump);
+            }
+            Err(_) => timeouts += 1,
+        }
+    }
+    if times.is_empty() {
+        println!("Task dump: all {DUMPS} dumps timed out after 2 s");
+        stop.store(true, Ordering::Relaxed);
+        return;
+    }
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(pinger).unwrap();
+    let during_worst = worst_us.load(Ordering::Relaxed);
+    let baseline_worst = {
+        worst_us.store(0, Ordering::Relaxed);
+        let worst = worst_us.clone();
+        rt.block_on(async move {
+            for _ in 0..100 {
+                let t = Instant::now();
+                tokio::time::sleep(ping_every()).await;
+                worst.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+        });
+        worst_us.load(Ordering::Relaxed)
+    };
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mean = times.iter().map(|d| ms(*d)).sum::<f64>() / times.len() as f64;
+    let one = last.as_ref().and_then(|d| d.tasks().iter().next());
+    let resolve = |task: &tokio::runtime::dump::Task| {
+        let t = Instant::now();
+        let frames: usize = task
+            .trace()
+            .resolve_backtraces()
+            .iter()
+            .map(|b| b.frames().count())
+            .sum();
+        (t.elapsed(), frames)
+    };
+    let (first_resolve, frames) = one.map(resolve).unwrap_or_default();
+    let (again_resolve, _) = one.map(resolve).unwrap_or_default();
+    println!();
+    println!(
+        "Task dump of {tasks} tasks ({idle} stuck handlers), {} dumps ({timeouts} timed out): mean {mean:.2} ms, median {:.2} ms, max {:.2} ms",
+        times.len(),
+        ms(times[times.len() / 2]),
+        ms(times[times.len() - 1])
+    );
+    println!(
+        "  symbolizing one task's trace ({frames} frames): first {:.1} ms (loads debug info), then {:.2} ms",
+        ms(first_resolve),
+        ms(again_resolve)
+    );
+    println!(
+        "  worst latency of a concurrent sleep loop ({:?} period): {:.2} ms during the dumps, {:.2} ms without",
+        ping_every(),
+        during_worst as f64 / 1e3,
+        baseline_worst as f64 / 1e3
+    );
+    drop(senders);
 }
 
 fn run_cell(

@@ -65,6 +65,7 @@ pub struct Builder {
     process_interval: Option<Duration>,
     listen_port: Option<u16>,
     memory_limit: Option<u64>,
+    taskdump_timeout: Option<Duration>,
 }
 
 /// The settings in force after resolving code, environment and defaults.
@@ -120,6 +121,8 @@ pub struct Settings {
     pub listen_port: Option<u16>,
     /// Memory budget RSS is judged against (`None`: cgroup `memory.max`, else MemTotal).
     pub memory_limit: Option<u64>,
+    /// How long one task dump may take (feature `taskdump`).
+    pub taskdump_timeout: Duration,
 }
 
 impl Builder {
@@ -156,6 +159,8 @@ impl Builder {
     pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(5);
     /// Default process facts interval.
     pub const DEFAULT_PROCESS_INTERVAL: Duration = Duration::from_secs(5);
+    /// Default time one task dump may take before it is reported as timed out.
+    pub const DEFAULT_TASKDUMP_TIMEOUT: Duration = Duration::from_secs(2);
     /// Default time [`DiagGuard`]'s `Drop` gives the exporter to flush.
     pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -364,6 +369,16 @@ impl Builder {
     /// [`KMS_DIAG_MEMORY_LIMIT`](env::KMS_DIAG_MEMORY_LIMIT), in bytes.
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// How long one tokio task dump of stuck requests may take (feature
+    /// `taskdump`): a runtime with a blocked worker never answers, and the
+    /// dump is then reported with `taskdump.outcome` = `timeout`. Default
+    /// [`Self::DEFAULT_TASKDUMP_TIMEOUT`]; env
+    /// [`KMS_DIAG_TASKDUMP_TIMEOUT`](env::KMS_DIAG_TASKDUMP_TIMEOUT).
+    pub fn taskdump_timeout(mut self, timeout: Duration) -> Self {
+        self.taskdump_timeout = Some(timeout);
         self
     }
 
@@ -601,6 +616,12 @@ impl Builder {
                     "a byte count such as 536870912",
                 )?,
             },
+            taskdump_timeout: duration(
+                self.taskdump_timeout,
+                "taskdump_timeout",
+                &[KMS_DIAG_TASKDUMP_TIMEOUT],
+                Self::DEFAULT_TASKDUMP_TIMEOUT,
+            )?,
         })
     }
 

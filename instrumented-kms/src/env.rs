@@ -79,6 +79,8 @@ pub const KMS_DIAG_PROCESS_INTERVAL: &str = "KMS_DIAG_PROCESS_INTERVAL";
 pub const KMS_DIAG_LISTEN_PORT: &str = "KMS_DIAG_LISTEN_PORT";
 /// The memory budget (bytes) process facts report instead of cgroup/MemTotal.
 pub const KMS_DIAG_MEMORY_LIMIT: &str = "KMS_DIAG_MEMORY_LIMIT";
+/// How long one tokio task dump may take before it is reported as timed out.
+pub const KMS_DIAG_TASKDUMP_TIMEOUT: &str = "KMS_DIAG_TASKDUMP_TIMEOUT";
 
 /// Accepted form of a duration.
 pub(crate) const DURATION_FORM: &str = "a duration such as 500ms, 10s or 2m";

@@ -55,6 +55,8 @@ pub struct DiagGuard {
     watchdog: Option<crate::watchdog::WatchdogHandle>,
     #[cfg(feature = "runtime-metrics")]
     metrics: Option<crate::metrics::MetricsHandle>,
+    #[cfg(any(feature = "taskdump", feature = "taskdump-cfg"))]
+    taskdump: Option<crate::taskdump::TaskdumpHandle>,
     /// Dropping a sender stops its thread.
     stops: Vec<mpsc::Sender<()>>,
     threads: Vec<JoinHandle<()>>,
@@ -78,7 +80,38 @@ impl DiagGuard {
     /// Poll stalls are seen only on runtimes built by
     /// [`runtime_builder`](crate::runtime_builder). Without those features
     /// this does nothing.
+    ///
+    /// `runtime.blocking_threads_max` is not exported: the library cannot
+    /// read it from the runtime. Use [`watch_runtime_with`](Self::watch_runtime_with)
+    /// to tell it.
     pub fn watch_runtime(&self, handle: &tokio::runtime::Handle) {
+        self.watch_runtime_with(handle, crate::RuntimeLimits::default());
+    }
+
+    /// Like [`watch_runtime`](Self::watch_runtime), for a runtime whose
+    /// configured limits the host knows (exported with each `kms.runtime`
+    /// sample, e.g. `runtime.blocking_threads_max`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use instrumented_kms::RuntimeLimits;
+    ///
+    /// let (_layer, guard) = instrumented_kms::Builder::default()
+    ///     .otlp_enabled(false)
+    ///     .console_enabled(false)
+    ///     .build()?;
+    /// let rt = instrumented_kms::runtime_builder(Some(1))
+    ///     .max_blocking_threads(16)
+    ///     .build()?;
+    /// guard.watch_runtime_with(rt.handle(), RuntimeLimits::default().max_blocking_threads(16));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn watch_runtime_with(
+        &self,
+        handle: &tokio::runtime::Handle,
+        limits: crate::RuntimeLimits,
+    ) {
         // With `Builder::build`, the host installs the subscriber itself; by the
         // time it watches its runtime the subscriber is in place, so make sure no
         // callsite (tokio's spawn, above all) kept an interest cached before it.
@@ -89,9 +122,13 @@ impl DiagGuard {
         }
         #[cfg(feature = "runtime-metrics")]
         if let Some(m) = &self.metrics {
-            m.watch_runtime(handle);
+            m.watch_runtime(handle, limits);
         }
-        let _ = handle;
+        #[cfg(any(feature = "taskdump", feature = "taskdump-cfg"))]
+        if let Some(t) = &self.taskdump {
+            t.watch_runtime(handle);
+        }
+        let _ = (handle, limits);
     }
 
     /// The sink diagnostic events go to (the export queue when OTLP is on,
@@ -189,6 +226,7 @@ impl DiagGuard {
             ),
             ("config.metrics_interval_ms", s.metrics_interval),
             ("config.process_interval_ms", s.process_interval),
+            ("config.taskdump_timeout_ms", s.taskdump_timeout),
         ] {
             event = event.attr(key, duration.as_millis() as u64);
         }
@@ -199,6 +237,10 @@ impl DiagGuard {
             ("deadlock-detection", cfg!(feature = "deadlock-detection")),
             ("watchdog", cfg!(feature = "watchdog")),
             ("process-facts", cfg!(feature = "process-facts")),
+            (
+                "taskdump",
+                cfg!(any(feature = "taskdump", feature = "taskdump-cfg")),
+            ),
         ];
         let event = event.attr(
             "config.features",
@@ -262,6 +304,8 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
         watchdog: None,
         #[cfg(feature = "runtime-metrics")]
         metrics: None,
+        #[cfg(any(feature = "taskdump", feature = "taskdump-cfg"))]
+        taskdump: None,
         stops: Vec::new(),
         threads: Vec::new(),
         console_addr: None,
@@ -318,6 +362,23 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
             .map_err(spawn_error(crate::spans::reporter::THREAD_NAME))?,
         );
         closed = Some(queue);
+
+        // Task dumps are exported as events: only with OTLP on.
+        #[cfg(any(feature = "taskdump", feature = "taskdump-cfg"))]
+        {
+            let (stop, stopped) = mpsc::channel();
+            let config = crate::taskdump::TaskdumpConfig {
+                threshold: settings.open_span_threshold,
+                interval: settings.open_span_interval,
+                timeout: settings.taskdump_timeout,
+            };
+            let (handle, thread) =
+                crate::taskdump::spawn(config, open.clone(), guard.sink.clone(), stopped)
+                    .map_err(spawn_error(crate::taskdump::THREAD_NAME))?;
+            guard.taskdump = Some(handle);
+            guard.stops.push(stop);
+            guard.threads.push(thread);
+        }
     }
 
     let track_threads = cfg!(feature = "watchdog");

@@ -29,6 +29,8 @@ mod rpc;
 mod runtime;
 mod sink;
 pub(crate) mod spans;
+#[cfg(any(feature = "taskdump", feature = "taskdump-cfg"))]
+mod taskdump;
 #[cfg(feature = "watchdog")]
 mod watchdog;
 
@@ -41,5 +43,5 @@ pub use rpc::{
     monitor_rpc, outbound, outbound_result, record_status, request_span, HttpProtocol,
     OutboundCall, Peer, RequestInfo,
 };
-pub use runtime::{runtime_builder, WORKER_THREAD_PREFIX};
+pub use runtime::{runtime_builder, RuntimeLimits, WORKER_THREAD_PREFIX};
 pub use sink::EventSink;

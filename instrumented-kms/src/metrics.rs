@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio_metrics::{RuntimeMetrics, TaskMetrics, TaskMonitor};
 
 use crate::event::{DiagEvent, Severity};
+use crate::runtime::RuntimeLimits;
 use crate::sink::EventSink;
 
 /// Sampler settings.
@@ -48,19 +49,26 @@ impl Default for MetricsConfig {
     }
 }
 
+/// A worker counts as busy when its busy time in the interval is at least
+/// this share of the interval (`runtime.busy_workers`).
+pub(crate) const BUSY_WORKER_RATIO: f64 = 0.9;
+
+/// A runtime waiting to be sampled, with what the host told us about it.
+type Pending = (tokio::runtime::Handle, RuntimeLimits);
+
 /// Adds runtimes to a running sampler. Cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct MetricsHandle {
-    pending: Arc<Mutex<Vec<tokio::runtime::Handle>>>,
+    pending: Arc<Mutex<Vec<Pending>>>,
 }
 
 impl MetricsHandle {
     /// Samples the runtime behind `handle` from the next interval on.
-    pub(crate) fn watch_runtime(&self, handle: &tokio::runtime::Handle) {
+    pub(crate) fn watch_runtime(&self, handle: &tokio::runtime::Handle, limits: RuntimeLimits) {
         self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(handle.clone());
+            .push((handle.clone(), limits));
     }
 }
 
@@ -87,6 +95,10 @@ pub(crate) fn spawn(
 
 struct SampledRuntime {
     runtime: u64,
+    handle: tokio::runtime::Handle,
+    limits: RuntimeLimits,
+    /// Each worker's total busy time at the last sample.
+    busy: Vec<Duration>,
     intervals: tokio_metrics::RuntimeIntervals,
     /// Heartbeat count at the last sample (to tell whether it beat since).
     #[cfg_attr(not(feature = "watchdog"), allow(dead_code))]
@@ -97,14 +109,14 @@ fn run(
     config: MetricsConfig,
     sink: EventSink,
     stop: Receiver<()>,
-    pending: Arc<Mutex<Vec<tokio::runtime::Handle>>>,
+    pending: Arc<Mutex<Vec<Pending>>>,
 ) {
     #[cfg(feature = "deadlock-detection")]
     crate::runtime::threads::register_current();
     let mut runtimes: Vec<SampledRuntime> = Vec::new();
     let mut tasks: HashMap<&'static str, tokio_metrics::TaskIntervals> = HashMap::new();
     loop {
-        for handle in pending
+        for (handle, limits) in pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .drain(..)
@@ -114,6 +126,9 @@ fn run(
             let _ = intervals.next();
             runtimes.push(SampledRuntime {
                 runtime: crate::runtime::tokio_id_u64(handle.id()),
+                busy: worker_busy(&handle),
+                handle,
+                limits,
                 intervals,
                 last_beats: None,
             });
@@ -151,6 +166,28 @@ fn millis_f(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Each worker's total busy time since the runtime started.
+fn worker_busy(handle: &tokio::runtime::Handle) -> Vec<Duration> {
+    let metrics = handle.metrics();
+    (0..metrics.num_workers())
+        .map(|w| metrics.worker_total_busy_duration(w))
+        .collect()
+}
+
+/// Workers whose busy time between `before` and `after` is at least
+/// [`BUSY_WORKER_RATIO`] of `elapsed`.
+fn busy_workers(before: &[Duration], after: &[Duration], elapsed: Duration) -> usize {
+    let line = elapsed.mul_f64(BUSY_WORKER_RATIO);
+    after
+        .iter()
+        .enumerate()
+        .filter(|(w, now)| {
+            let then = before.get(*w).copied().unwrap_or_default();
+            !elapsed.is_zero() && now.saturating_sub(then) >= line
+        })
+        .count()
+}
+
 fn runtime_event(sampled: &mut SampledRuntime, m: &RuntimeMetrics) -> DiagEvent {
     let capacity = m.elapsed.as_secs_f64() * m.workers_count as f64;
     let busy_ratio = if capacity > 0.0 {
@@ -170,7 +207,13 @@ fn runtime_event(sampled: &mut SampledRuntime, m: &RuntimeMetrics) -> DiagEvent 
             m.global_queue_depth
         ),
     );
-    let event = with_heartbeat(event, sampled);
+    let busy = worker_busy(&sampled.handle);
+    let busy_workers = busy_workers(&sampled.busy, &busy, m.elapsed);
+    sampled.busy = busy;
+    let mut event = with_heartbeat(event, sampled);
+    if let Some(max) = sampled.limits.max_blocking_threads {
+        event = event.attr("runtime.blocking_threads_max", max);
+    }
     event
         .attr("tokio.runtime.id", sampled.runtime)
         .attr("runtime.workers", m.workers_count)
@@ -182,6 +225,13 @@ fn runtime_event(sampled: &mut SampledRuntime, m: &RuntimeMetrics) -> DiagEvent 
         .attr("runtime.max_busy_worker_ms", millis_f(m.max_busy_duration))
         .attr("runtime.blocking_threads", m.blocking_threads_count)
         .attr("runtime.blocking_queue_depth", m.blocking_queue_depth)
+        .attr(
+            "runtime.idle_blocking_threads",
+            m.idle_blocking_threads_count,
+        )
+        .attr("runtime.local_queue_depth", m.total_local_queue_depth)
+        .attr("runtime.max_local_queue_depth", m.max_local_queue_depth)
+        .attr("runtime.busy_workers", busy_workers)
         .attr("runtime.elapsed_ms", millis_f(m.elapsed))
 }
 
@@ -294,6 +344,18 @@ mod tests {
         }
         // The interval is a minute; stopping does not wait for it.
         assert!(asked.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn busy_workers_count_those_busy_for_nine_tenths_of_the_interval() {
+        let ms = Duration::from_millis;
+        let before = [ms(100), ms(0), ms(50)];
+        let after = [ms(1100), ms(899), ms(950)];
+        // 1000 ms busy of 1000: busy; 899: not; 900: busy (the line is inclusive).
+        assert_eq!(busy_workers(&before, &after, ms(1000)), 2);
+        // A worker that appeared since the last sample counts from zero.
+        assert_eq!(busy_workers(&before[..2], &after, ms(1000)), 2);
+        assert_eq!(busy_workers(&before, &after, Duration::ZERO), 0);
     }
 
     #[test]

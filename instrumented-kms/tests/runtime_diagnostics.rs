@@ -472,3 +472,115 @@ fn process_facts_count_close_wait_on_the_listen_port_and_fds_against_the_limit()
     assert!(facts.int_attr("process.threads").unwrap() >= 4);
     drop(extra);
 }
+
+/// Opens on drop (also when a failed assertion unwinds), so blocked jobs and
+/// spinning tasks end and the runtime can shut down.
+#[derive(Clone, Default)]
+struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    fn wait(&self) {
+        let (open, cv) = &*self.0;
+        let mut open = open.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+    }
+    fn is_open(&self) -> bool {
+        *self.0 .0.lock().unwrap()
+    }
+    fn open(&self) {
+        *self.0 .0.lock().unwrap() = true;
+        self.0 .1.notify_all();
+    }
+}
+
+struct OpenOnDrop(Gate);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+#[test]
+fn an_exhausted_blocking_pool_and_a_busy_worker_show_in_runtime_samples() {
+    let env = env();
+    let rt = runtime_builder(Some(2))
+        .max_blocking_threads(2)
+        .build()
+        .unwrap();
+    env.guard.lock().unwrap().watch_runtime_with(
+        rt.handle(),
+        instrumented_kms::RuntimeLimits::default().max_blocking_threads(2),
+    );
+    let runtime: i64 = rt.handle().id().to_string().parse().unwrap();
+    let gate = Gate::default();
+    let opener = OpenOnDrop(gate.clone());
+
+    // Five blocking jobs that never return until the gate opens: two run,
+    // three queue.
+    let jobs: Vec<_> = (0..5)
+        .map(|_| {
+            let gate = gate.clone();
+            rt.spawn_blocking(move || gate.wait())
+        })
+        .collect();
+    // One task that keeps its worker busy with short polls (tokio adds a
+    // worker's busy time when it parks or between polls, never mid-poll).
+    let spinner = {
+        let gate = gate.clone();
+        rt.spawn(async move {
+            while !gate.is_open() {
+                let poll = Instant::now();
+                while poll.elapsed() < Duration::from_millis(2) {
+                    std::hint::spin_loop();
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+
+    env.receiver
+        .wait_until("a kms.runtime sample of the full pool", WAIT, |_| {
+            events_of("kms.runtime", runtime).iter().any(|e| {
+                e.int_attr("runtime.blocking_queue_depth") == Some(3)
+                    && e.int_attr("runtime.busy_workers").unwrap_or(0) >= 1
+            })
+        });
+    let sample = events_of("kms.runtime", runtime)
+        .into_iter()
+        .find(|e| e.int_attr("runtime.blocking_queue_depth") == Some(3))
+        .unwrap();
+    assert_eq!(sample.int_attr("runtime.blocking_threads_max"), Some(2));
+    assert_eq!(sample.int_attr("runtime.blocking_threads"), Some(2));
+    assert_eq!(sample.int_attr("runtime.idle_blocking_threads"), Some(0));
+    let depth = sample.int_attr("runtime.local_queue_depth").unwrap();
+    let max_depth = sample.int_attr("runtime.max_local_queue_depth").unwrap();
+    assert!(
+        0 <= max_depth && max_depth <= depth,
+        "{max_depth} of {depth}"
+    );
+    assert!(sample.int_attr("runtime.busy_workers").unwrap() <= 2);
+
+    drop(opener);
+    rt.block_on(async {
+        spinner.await.unwrap();
+        for job in jobs {
+            job.await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn a_runtime_watched_without_limits_exports_no_blocking_maximum() {
+    let env = env();
+    let (_rt, runtime) = watched_runtime(1);
+    env.receiver.wait_until("a kms.runtime sample", WAIT, |_| {
+        !events_of("kms.runtime", runtime).is_empty()
+    });
+    let sample = events_of("kms.runtime", runtime).remove(0);
+    assert_eq!(sample.int_attr("runtime.blocking_threads_max"), None);
+    assert!(sample.int_attr("runtime.busy_workers").is_some());
+    assert!(sample.int_attr("runtime.idle_blocking_threads").is_some());
+}

@@ -27,6 +27,53 @@ use std::sync::Arc;
 /// blocking-pool threads carry this prefix too.
 pub const WORKER_THREAD_PREFIX: &str = "kms-worker-";
 
+/// What the host knows about a runtime's configuration that tokio does not
+/// report, told to [`DiagGuard::watch_runtime_with`](crate::DiagGuard::watch_runtime_with).
+///
+/// tokio reports how many blocking threads exist, not how many may: without
+/// the configured maximum the collector cannot tell a busy blocking pool
+/// from an exhausted one. The library cannot read it back from a built
+/// runtime, so the host, which set it, says it.
+///
+/// # Examples
+///
+/// ```
+/// use instrumented_kms::RuntimeLimits;
+///
+/// let max_blocking = 64;
+/// let rt = instrumented_kms::runtime_builder(Some(2))
+///     .max_blocking_threads(max_blocking)
+///     .build()?;
+/// let limits = RuntimeLimits::default().max_blocking_threads(max_blocking);
+/// assert_eq!(limits.blocking_threads_max(), Some(64));
+/// // guard.watch_runtime_with(rt.handle(), limits);
+/// # drop(rt);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[must_use]
+pub struct RuntimeLimits {
+    pub(crate) max_blocking_threads: Option<usize>,
+}
+
+impl RuntimeLimits {
+    /// tokio's default `max_blocking_threads`, for a host that builds its
+    /// runtime without setting it.
+    pub const TOKIO_DEFAULT_MAX_BLOCKING_THREADS: usize = 512;
+
+    /// The runtime's `max_blocking_threads` (exported as
+    /// `runtime.blocking_threads_max`). Default: unknown, and not exported.
+    pub fn max_blocking_threads(mut self, max: usize) -> Self {
+        self.max_blocking_threads = Some(max);
+        self
+    }
+
+    /// The configured blocking-thread maximum, if told.
+    pub fn blocking_threads_max(&self) -> Option<usize> {
+        self.max_blocking_threads
+    }
+}
+
 /// A tokio runtime builder for the application: multi-thread, all drivers
 /// enabled, threads named `kms-worker-N`.
 ///
@@ -39,7 +86,10 @@ pub const WORKER_THREAD_PREFIX: &str = "kms-worker-";
 /// about 9 ns per poll measured by the `poll_hooks` example), and let the
 /// watchdog see, from its own OS thread, a poll that never returns. Build the
 /// runtime that serves requests through this function and pass its handle to
-/// `DiagGuard::watch_runtime`.
+/// `DiagGuard::watch_runtime`, or to `DiagGuard::watch_runtime_with` with its
+/// [`RuntimeLimits`] (tokio's default blocking-thread maximum is
+/// [`RuntimeLimits::TOKIO_DEFAULT_MAX_BLOCKING_THREADS`]; this builder keeps it
+/// unless the host sets another).
 ///
 /// # Examples
 ///
@@ -91,7 +141,6 @@ fn on_thread_stop() {
 /// tokio keeps `as_u64` private; both ids hash as exactly one `write_u64` of
 /// their value, so a hasher that keeps that value recovers it without the
 /// cost of formatting on the poll path.
-#[cfg(any(feature = "watchdog", feature = "runtime-metrics"))]
 pub(crate) fn tokio_id_u64(id: impl std::hash::Hash) -> u64 {
     struct Keep(u64);
     impl std::hash::Hasher for Keep {
@@ -113,7 +162,7 @@ pub(crate) fn tokio_id_u64(id: impl std::hash::Hash) -> u64 {
     keep.0
 }
 
-#[cfg(all(test, any(feature = "watchdog", feature = "runtime-metrics")))]
+#[cfg(test)]
 mod tests {
     use super::*;
 

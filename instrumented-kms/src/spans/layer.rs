@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,12 @@ use super::record::{
     instant_unix_nanos, ClosedSpan, Mutable, SpanKind, SpanRecord, SpanStatus, Value,
 };
 use super::registry::{self, OpenSpans};
-use super::{ids, redact, ClosedSpanSink, Sampler};
+use super::{ids, redact, ClosedSpanSink, Sampler, REQUEST_SPAN};
+
+/// The current tokio task's id as a number; 0 outside a task.
+fn current_task() -> u64 {
+    tokio::task::try_id().map_or(0, crate::runtime::tokio_id_u64)
+}
 
 /// Tracks spans; see the module docs.
 pub(crate) struct SpanLayer {
@@ -132,6 +137,11 @@ impl Visit for FieldVisitor<'_> {
     }
 }
 
+/// Whether `metadata` is the library's request span (`kms.request`).
+fn is_request(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.name() == REQUEST_SPAN && metadata.target() == "instrumented_kms::rpc"
+}
+
 impl<S> Layer<S> for SpanLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
@@ -162,6 +172,11 @@ where
             mutable: Mutex::new(mutable),
             sampled,
             snapshot_seq: AtomicU32::new(0),
+            task_id: AtomicU64::new(if is_request(attrs.metadata()) {
+                current_task()
+            } else {
+                0
+            }),
         });
         self.open.insert(record.clone());
         span.extensions_mut().insert(record);
@@ -191,21 +206,30 @@ where
     }
 
     fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
-        if !self.track_threads {
+        let Some(span) = ctx.span(id) else { return };
+        let request = is_request(span.metadata());
+        if !self.track_threads && !request {
             return;
         }
-        let Some(span) = ctx.span(id) else { return };
-        let entered = span
-            .extensions()
-            .get::<Arc<SpanRecord>>()
-            .map(|r| registry::Entered {
+        let ext = span.extensions();
+        let Some(record) = ext.get::<Arc<SpanRecord>>() else {
+            return;
+        };
+        if request {
+            // The task that polls the request now: a host may create the span
+            // in one task and run the handler in another.
+            let task = current_task();
+            if task != 0 {
+                record.task_id.store(task, Ordering::Relaxed);
+            }
+        }
+        if self.track_threads {
+            registry::push(registry::Entered {
                 id: id.into_u64(),
                 name: span.name(),
-                trace_id: r.trace_id,
-                span_id: r.span_id,
+                trace_id: record.trace_id,
+                span_id: record.span_id,
             });
-        if let Some(entered) = entered {
-            registry::push(entered);
         }
     }
 

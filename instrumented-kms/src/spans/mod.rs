@@ -26,6 +26,9 @@ pub(crate) use redact::split_url;
 pub(crate) use registry::OpenSpans;
 pub(crate) use sampler::Sampler;
 
+/// Name of the request span opened by [`request_span`](crate::request_span).
+pub(crate) const REQUEST_SPAN: &str = "kms.request";
+
 /// What the watchdog needs to know about the span a thread is in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SpanRef {

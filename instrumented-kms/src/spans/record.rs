@@ -2,7 +2,7 @@
 //! gets when it closes.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -73,6 +73,10 @@ pub(crate) struct SpanRecord {
     pub(crate) sampled: bool,
     /// How many open-span snapshots were taken (0: never reported open).
     pub(crate) snapshot_seq: AtomicU32,
+    /// For a request span (`kms.request`): the tokio task that last entered
+    /// it (or created it), so a task dump can be matched to the request.
+    /// 0: not a request span, or never inside a tokio task.
+    pub(crate) task_id: AtomicU64,
 }
 
 impl SpanRecord {
@@ -82,6 +86,12 @@ impl SpanRecord {
 
     pub(crate) fn was_snapshotted(&self) -> bool {
         self.snapshot_seq.load(Ordering::Relaxed) > 0
+    }
+
+    /// The tokio task that last entered this request span, if known.
+    #[cfg_attr(not(feature = "taskdump"), allow(dead_code))]
+    pub(crate) fn task_id(&self) -> Option<u64> {
+        Some(self.task_id.load(Ordering::Relaxed)).filter(|id| *id != 0)
     }
 
     /// Key in the open-span set.

@@ -76,7 +76,10 @@ where
         .max_blocking_threads(max_blocking)
         .build()
         .context("Failed to build the tokio runtime")?;
-    guard.watch_runtime(runtime.handle());
+    guard.watch_runtime_with(
+        runtime.handle(),
+        instrumented_kms::RuntimeLimits::default().max_blocking_threads(max_blocking),
+    );
     let result = runtime.block_on(run());
     if force_shutdown {
         runtime.shutdown_timeout(std::time::Duration::from_millis(500));

@@ -45,7 +45,7 @@ pub struct TwinArgs {
     #[arg(long, env = "KMS_TWIN_WORKERS", default_value_t = 2)]
     pub workers: usize,
     /// The runtime's `max_blocking_threads` (tokio's and Rocket's default: 512).
-    #[arg(long, env = "KMS_TWIN_MAX_BLOCKING_THREADS", default_value_t = 512)]
+    #[arg(long, env = "KMS_TWIN_MAX_BLOCKING_THREADS", default_value_t = instrumented_kms::RuntimeLimits::TOKIO_DEFAULT_MAX_BLOCKING_THREADS)]
     pub max_blocking_threads: usize,
     /// The fault to inject (see the crate docs' fault table), e.g.
     /// webhook-hang, blocking-pool-exhaustion, never-woken-lost-waker.
@@ -174,7 +174,10 @@ pub fn run_as(args: TwinArgs, subcommand: Vec<std::ffi::OsString>) -> anyhow::Re
         .max_blocking_threads(args.max_blocking_threads)
         .build()
         .context("building the tokio runtime")?;
-    guard.watch_runtime(runtime.handle());
+    guard.watch_runtime_with(
+        runtime.handle(),
+        instrumented_kms::RuntimeLimits::default().max_blocking_threads(args.max_blocking_threads),
+    );
 
     let own_binary = std::env::current_exe().context("finding the twin's own binary")?;
     let fake_peers = FakePeers::spawn(&own_binary, &subcommand, fault.get())
