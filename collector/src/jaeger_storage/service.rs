@@ -16,6 +16,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::trace::v1::TracesData;
 use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use super::convert;
@@ -238,19 +239,28 @@ pub(crate) async fn serve(
     let addr = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    // The same token as the OTLP ports: reading the store is the operator's alone.
+    let auth = crate::receive::grpc::Authorize::new(ingest.clone(), "jaeger-storage");
     let storage = Storage {
         db: Arc::new(db),
         ingest,
     };
     let incoming = tokio_stream_of(listener);
     tonic::transport::Server::builder()
-        .add_service(TraceReaderServer::new(storage.clone()).max_encoding_message_size(MAX_MESSAGE))
-        .add_service(DependencyReaderServer::new(storage.clone()))
-        .add_service(
+        .add_service(InterceptedService::new(
+            TraceReaderServer::new(storage.clone()).max_encoding_message_size(MAX_MESSAGE),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            DependencyReaderServer::new(storage.clone()),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
             TraceServiceServer::new(storage)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .accept_compressed(CompressionEncoding::Gzip),
-        )
+            auth,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|source| JaegerStorageError::Serve { addr, source })

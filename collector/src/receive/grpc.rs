@@ -124,9 +124,22 @@ fn map_codec_status<B>(stats: &ReceiverStats, mut res: http::Response<B>) -> htt
 /// Protocols the gRPC port offers in the TLS handshake.
 pub(crate) const ALPN: &[&[u8]] = &[b"h2"];
 
-/// Refuses calls without the token before their message is read.
+/// Refuses calls without the token before their message is read: the
+/// OTLP port's, and any other gRPC port of the collector that must be the
+/// operator's alone (`serve --jaeger-storage`).
 #[derive(Debug, Clone)]
-struct Authorize(Arc<Ingest>);
+pub(crate) struct Authorize {
+    ingest: Arc<Ingest>,
+    port: &'static str,
+}
+
+impl Authorize {
+    /// Checks calls against `ingest`'s token; `port` names the port in the
+    /// log line of a refused sender.
+    pub(crate) fn new(ingest: Arc<Ingest>, port: &'static str) -> Self {
+        Authorize { ingest, port }
+    }
+}
 
 impl tonic::service::Interceptor for Authorize {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
@@ -135,7 +148,7 @@ impl tonic::service::Interceptor for Authorize {
             .get("authorization")
             .map(|v| v.as_bytes());
         let peer = request.remote_addr().map(|a| a.ip());
-        match self.0.authorize(authorization, peer, "grpc") {
+        match self.ingest.authorize(authorization, peer, self.port) {
             Ok(()) => Ok(request),
             Err(RejectReason::WrongToken) => {
                 Err(Status::unauthenticated("the bearer token is not valid"))
@@ -158,7 +171,7 @@ pub(crate) async fn serve(
     let limits = ingest.limits();
     let max = limits.grpc_max_message;
     let svc = Svc(ingest.clone());
-    let auth = Authorize(ingest.clone());
+    let auth = Authorize::new(ingest.clone(), "grpc");
     let incoming = conn::incoming(
         listener,
         limits.read_timeout,

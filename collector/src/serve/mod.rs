@@ -41,8 +41,9 @@ pub struct ServeArgs {
     /// Serve Jaeger's remote-storage API from the store on this address
     /// (e.g. `127.0.0.1:17271`), for a Jaeger v2 with a `grpc` storage
     /// backend: it then shows every stored trace, stuck requests included
-    /// (their newest open-span snapshot). No authentication: keep it on
-    /// loopback.
+    /// (their newest open-span snapshot). Takes the same token as the OTLP
+    /// ports (--token-file; Jaeger sends it with its `grpc` backend's
+    /// `headers`); keep it on loopback.
     #[arg(long, env = "KMS_COLLECTOR_JAEGER_STORAGE")]
     pub jaeger_storage: Option<SocketAddr>,
     /// Record the KMS's tokio-console (console-subscriber) at this URL, e.g.

@@ -354,8 +354,8 @@ impl Server {
                 let bound = l
                     .local_addr()
                     .map_err(|source| ServeError::JaegerStorage { addr, source })?;
-                if !bound.ip().is_loopback() {
-                    tracing::warn!(addr = %bound, "Jaeger's remote-storage API is served beyond loopback, without authentication: anyone who reaches it can read every stored trace.");
+                if !bound.ip().is_loopback() && config.token.is_none() {
+                    tracing::warn!(addr = %bound, "Jaeger's remote-storage API is served beyond loopback without a token: anyone who reaches it can read every stored trace. Give serve --token-file.");
                 }
                 Some((l, bound))
             }

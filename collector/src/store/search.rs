@@ -154,11 +154,15 @@ pub(super) fn find_traces(conn: &Connection, q: &TraceQuery) -> Result<Vec<Found
     }
     sql.push_str(" FROM spans");
     let duration = q.duration_min_ns.is_some() || q.duration_max_ns.is_some();
-    // Pick the index: a duration bound walks the duration index (the slow
-    // spans are few); otherwise the start index yields newest first.
+    // Pick the index. With a service and an operation, a duration bound
+    // walks the duration index when few spans are in the duration range
+    // (counted on the index alone, up to DENSE); when many are, the start
+    // index yields them newest first and the limit is reached early.
     let index = match (&q.service, &q.operation, duration) {
-        (Some(_), Some(_), true) => Some("spans_service_name_duration"),
-        (Some(_), Some(_), false) => Some("spans_service_name_start"),
+        (Some(s), Some(o), true) if few_in_duration(conn, s, o, q)? => {
+            Some("spans_service_name_duration")
+        }
+        (Some(_), Some(_), _) => Some("spans_service_name_start"),
         (Some(_), None, _) => Some("spans_service_start"),
         _ => None,
     };
@@ -236,6 +240,37 @@ pub(super) fn find_traces(conn: &Connection, q: &TraceQuery) -> Result<Vec<Found
     Ok(out)
 }
 
+/// Spans in a duration range above which a search walks by start instead.
+const DENSE: i64 = 5_000;
+
+/// True when fewer than [`DENSE`] spans of `service`/`operation` are in the
+/// query's duration range (an index-only count, stopped at `DENSE`).
+fn few_in_duration(
+    conn: &Connection,
+    service: &str,
+    operation: &str,
+    q: &TraceQuery,
+) -> Result<bool, ReadError> {
+    let sql = "SELECT COUNT(*) FROM (SELECT 1 FROM spans INDEXED BY spans_service_name_duration \
+               WHERE service = ?1 AND name = ?2 AND end_ns - start_ns >= ?3 \
+               AND end_ns - start_ns <= ?4 LIMIT ?5)";
+    let Ok(mut stmt) = conn.prepare_cached(sql) else {
+        // No such index (an older store): the start index it is.
+        return Ok(false);
+    };
+    let n: i64 = stmt.query_row(
+        params![
+            service,
+            operation,
+            q.duration_min_ns.unwrap_or(i64::MIN),
+            q.duration_max_ns.unwrap_or(i64::MAX),
+            DENSE
+        ],
+        |r| r.get(0),
+    )?;
+    Ok(n < DENSE)
+}
+
 fn parse(text: Option<String>) -> Value {
     text.and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null)
@@ -271,6 +306,101 @@ pub(super) fn service_links(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store with `n` closed 20 ms `kms.request` spans (one trace each,
+    /// 1 s apart) and, every tenth, a 30 s open snapshot.
+    fn store(n: i64) -> Connection {
+        let conn = Connection::open_in_memory().expect("memory db");
+        conn.execute_batch(super::super::SCHEMA_SQL)
+            .expect("schema");
+        let mut ins = conn
+            .prepare(
+                "INSERT INTO spans (trace_id, span_id, name, kind, service, start_ns, end_ns, \
+                 incomplete, attributes, received_ns) VALUES (?1, 'aa', 'kms.request', 2, \
+                 'dstack-kms', ?2, ?3, ?4, ?5, 0)",
+            )
+            .expect("insert");
+        for i in 0..n {
+            let start = i * 1_000_000_000;
+            let stuck = i % 10 == 0;
+            let end = start + if stuck { 30_000_000_000 } else { 20_000_000 };
+            let attrs = if stuck {
+                r#"{"rpc.method":"GetMeta","incomplete":true}"#
+            } else {
+                r#"{"rpc.method":"GetAppKey"}"#
+            };
+            ins.execute(params![format!("{i:032x}"), start, end, stuck, attrs])
+                .expect("row");
+        }
+        drop(ins);
+        conn
+    }
+
+    fn ids(found: &[FoundTrace]) -> Vec<i64> {
+        found
+            .iter()
+            .map(|f| i64::from_str_radix(&f.trace_id, 16).unwrap_or(-1))
+            .collect()
+    }
+
+    #[test]
+    fn searches_return_the_newest_matching_traces_by_either_index() {
+        let base = TraceQuery {
+            service: Some("dstack-kms".into()),
+            operation: Some("kms.request".into()),
+            limit: 3,
+            ..TraceQuery::default()
+        };
+        // Few slow spans (the duration index) and many (the start index).
+        for n in [200, 3 * DENSE] {
+            let conn = store(n);
+            let last_stuck = (n - 1) / 10 * 10;
+            let slow = TraceQuery {
+                duration_min_ns: Some(1_000_000_000),
+                ..base.clone()
+            };
+            assert_eq!(
+                ids(&find_traces(&conn, &slow).expect("search")),
+                vec![last_stuck, last_stuck - 10, last_stuck - 20],
+                "n = {n}"
+            );
+            let quick = TraceQuery {
+                duration_max_ns: Some(1_000_000_000),
+                ..base.clone()
+            };
+            assert_eq!(
+                ids(&find_traces(&conn, &quick).expect("search")),
+                vec![n - 1, n - 2, n - 3],
+                "n = {n}"
+            );
+        }
+        let conn = store(100);
+        let tagged = TraceQuery {
+            attributes: vec![
+                ("incomplete".into(), Value::from("true")),
+                ("rpc.method".into(), Value::from("GetMeta")),
+            ],
+            start_max_ns: Some(50_000_000_000),
+            ..base.clone()
+        };
+        assert_eq!(
+            ids(&find_traces(&conn, &tagged).expect("search")),
+            vec![50, 40, 30]
+        );
+        let none = TraceQuery {
+            attributes: vec![("rpc.method".into(), Value::from("Nope"))],
+            ..base
+        };
+        assert!(find_traces(&conn, &none).expect("search").is_empty());
+        assert_eq!(services(&conn).expect("services"), vec!["dstack-kms"]);
+        assert_eq!(
+            operations(&conn, "dstack-kms").expect("operations"),
+            vec![OperationName {
+                name: "kms.request".into(),
+                kind: 2
+            }]
+        );
+    }
 
     #[test]
     fn strings_match_stored_bools_and_numbers() {

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kms_twin::lab::cases::Case;
 use kms_twin::lab::expect::judge;
+use kms_twin::lab::jaeger::JaegerProcess;
 use kms_twin::lab::matrix::{render_table, run_matrix};
 use kms_twin::lab::scenario::{run_case, LabConfig};
 
@@ -36,6 +37,17 @@ enum Command {
         /// Print the JSON report instead of the text one.
         #[arg(long)]
         json: bool,
+        /// Also start a Jaeger v2 that reads the run live through the
+        /// collector's remote-storage API (`serve --jaeger-storage`), print
+        /// the URL to open, and keep both up after the verdict until Ctrl-C.
+        #[arg(long)]
+        jaeger: bool,
+        /// The `jaeger` binary (github.com/jaegertracing/jaeger/cmd/jaeger v1.76.0).
+        #[arg(long, env = "KMS_JAEGER_BIN", default_value = "jaeger")]
+        jaeger_bin: PathBuf,
+        /// Where the Jaeger UI listens.
+        #[arg(long, default_value = kms_twin::lab::jaeger::DEFAULT_UI)]
+        jaeger_ui: std::net::SocketAddr,
     },
     /// Every case, then a table of verdicts; exits non-zero if any row is wrong.
     Matrix {
@@ -92,6 +104,56 @@ impl Common {
     }
 }
 
+/// Starts Jaeger for `run --jaeger`, points the lab's collector at it and
+/// prints the URL.
+async fn start_jaeger(
+    bin: &std::path::Path,
+    ui: std::net::SocketAddr,
+    config: &mut LabConfig,
+) -> anyhow::Result<JaegerProcess> {
+    let log = std::env::temp_dir().join(format!("kms-lab-jaeger-{}.log", std::process::id()));
+    let j = JaegerProcess::start(bin, ui, &log)
+        .await
+        .with_context(|| format!("starting Jaeger ({}; log {})", bin.display(), log.display()))?;
+    config.jaeger_storage = Some(j.storage_addr());
+    eprintln!(
+        "Jaeger reads this run live: {url}/search?{search}\n  (API: {url}/api/traces?{search}; Jaeger log {log})",
+        url = j.url(),
+        search = kms_twin::lab::jaeger::stuck_search(kms_twin::lab::jaeger::TWIN_SERVICE, "2s"),
+        log = log.display(),
+    );
+    Ok(j)
+}
+
+/// After the verdict: serve the run's store to Jaeger until Ctrl-C.
+async fn keep_serving(
+    j: &JaegerProcess,
+    storage: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let any = "127.0.0.1:0".parse()?;
+    let server = kms_collector::serve::Server::start(
+        kms_collector::serve::ServerConfig::default()
+            .db(dir.join(kms_twin::lab::scenario::files::DB))
+            .otlp_grpc(any)
+            .otlp_http(any)
+            .retention(kms_collector::store::Retention::default())
+            .jaeger_storage(Some(storage)),
+    )
+    .await
+    .context("serving the run's store to Jaeger")?;
+    eprintln!(
+        "Jaeger still shows the run (stuck requests as their last snapshot): {}/search?{}\nCtrl-C to stop.",
+        j.url(),
+        kms_twin::lab::jaeger::stuck_search(kms_twin::lab::jaeger::TWIN_SERVICE, "2s")
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    server.shutdown().await.context("stopping the collector")?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     if let Command::Twin(args) = cli.command {
@@ -112,8 +174,15 @@ async fn lab(command: Command) -> anyhow::Result<ExitCode> {
             keep,
             common,
             json,
+            jaeger,
+            jaeger_bin,
+            jaeger_ui,
         } => {
-            let config = common.config()?;
+            let mut config = common.config()?;
+            let jaeger = match jaeger {
+                true => Some(start_jaeger(&jaeger_bin, jaeger_ui, &mut config).await?),
+                false => None,
+            };
             let result = run_case(&fault, &config, keep.as_deref())
                 .await
                 .with_context(|| format!("running the lab case {fault}"))?;
@@ -141,6 +210,9 @@ async fn lab(command: Command) -> anyhow::Result<ExitCode> {
                 if let Some(dir) = &keep {
                     println!("kept in {}", dir.display());
                 }
+            }
+            if let (Some(j), Some(storage)) = (&jaeger, config.jaeger_storage) {
+                keep_serving(j, storage, &result.dir).await?;
             }
             Ok(ExitCode::SUCCESS)
         }

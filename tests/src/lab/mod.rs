@@ -5,6 +5,7 @@ pub mod cases;
 pub mod child;
 pub mod client;
 pub mod expect;
+pub mod jaeger;
 pub mod load;
 pub mod matrix;
 pub mod progress;

@@ -75,6 +75,9 @@ pub struct LabConfig {
     pub console_snapshot_interval: Duration,
     /// Print progress lines on stderr.
     pub progress: bool,
+    /// Also serve Jaeger's remote-storage API from the collector on this
+    /// address (`serve --jaeger-storage`), for a Jaeger reading the run live.
+    pub jaeger_storage: Option<std::net::SocketAddr>,
 }
 
 impl Default for LabConfig {
@@ -119,6 +122,7 @@ impl Default for LabConfig {
             },
             console_snapshot_interval: Duration::from_secs(1),
             progress: true,
+            jaeger_storage: None,
         }
     }
 }
@@ -363,7 +367,8 @@ pub async fn run_case(
         ServerConfig::default()
             .db(db.clone())
             .otlp_grpc(any)
-            .otlp_http(any),
+            .otlp_http(any)
+            .jaeger_storage(config.jaeger_storage),
     )
     .await
     .context("starting the collector")?;
