@@ -1,7 +1,9 @@
 //! `serve --jaeger-storage` with a stock Jaeger v2 whose storage backend is
 //! `grpc` (tests/jaeger/remote-storage.yaml): Jaeger shows what the store
-//! holds, stuck requests included, through its own query APIs.
-//! Needs `KMS_JAEGER_BIN` (see `jaeger_support`).
+//! holds, stuck requests included, through its own query APIs; with a
+//! token (`serve --token-file`) the port refuses raw clients without it, and
+//! a Jaeger sending it in its backend's `headers` reads as before.
+//! The Jaeger tests need `KMS_JAEGER_BIN` (see `jaeger_support`).
 
 mod jaeger_support;
 
@@ -10,7 +12,10 @@ use std::time::{Duration, Instant};
 use jaeger_support::kms::{self, hex};
 use jaeger_support::*;
 use kms_collector::export::{jaeger_json, select_spans, Selection};
-use kms_collector::serve::{Server, ServerConfig, ServerHandle};
+use kms_collector::jaeger_storage::client::{
+    DependencyReaderClient, GetDependenciesRequest, GetServicesRequest, TraceReaderClient,
+};
+use kms_collector::serve::{Server, ServerConfig, ServerHandle, Token};
 use kms_collector::store::SqliteReader;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -28,25 +33,44 @@ struct Chain {
     jaeger: Jaeger,
 }
 
-async fn chain(bin: &std::path::Path) -> Chain {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let server = Server::start(
+/// The token of the tests that set one, and a wrong one.
+const TOKEN: &str = "jaeger-storage-test-token-0123456789";
+const WRONG: &str = "jaeger-storage-test-token-012345678X";
+
+/// A collector serving `--jaeger-storage` on a free loopback port, with
+/// `token` required on every port when given.
+async fn collector(dir: &std::path::Path, token: Option<&str>) -> ServerHandle {
+    Server::start(
         ServerConfig::default()
-            .db(dir.path().join("kms-diag.sqlite"))
+            .db(dir.join("kms-diag.sqlite"))
             .otlp_grpc("127.0.0.1:0".parse().expect("addr"))
             .otlp_http("127.0.0.1:0".parse().expect("addr"))
-            .jaeger_storage(Some("127.0.0.1:0".parse().expect("addr"))),
+            .jaeger_storage(Some("127.0.0.1:0".parse().expect("addr")))
+            .token(token.map(|t| Token::new(t).expect("token"))),
     )
     .await
-    .expect("collector starts");
+    .expect("collector starts")
+}
+
+/// Jaeger with the repository's remote-storage config reading `server`,
+/// sending `token` (`KMS_JAEGER_STORAGE_TOKEN`) when given.
+async fn jaeger_reading(
+    bin: &std::path::Path,
+    server: &ServerHandle,
+    token: Option<&str>,
+) -> Jaeger {
     let storage = server.jaeger_storage_addr().expect("jaeger-storage bound");
-    let jaeger = Jaeger::start(
-        bin,
-        "remote-storage.yaml",
-        None,
-        &[("KMS_JAEGER_STORAGE", storage.to_string())],
-    )
-    .await;
+    let mut env = vec![("KMS_JAEGER_STORAGE", storage.to_string())];
+    if let Some(t) = token {
+        env.push(("KMS_JAEGER_STORAGE_TOKEN", t.to_owned()));
+    }
+    Jaeger::start(bin, "remote-storage.yaml", None, &env).await
+}
+
+async fn chain(bin: &std::path::Path) -> Chain {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = collector(dir.path(), None).await;
+    let jaeger = jaeger_reading(bin, &server, None).await;
     Chain {
         _dir: dir,
         server,
@@ -55,12 +79,32 @@ async fn chain(bin: &std::path::Path) -> Chain {
 }
 
 async fn send(to: std::net::SocketAddr, req: ExportTraceServiceRequest) {
+    send_with(to, None, req).await.expect("export accepted");
+}
+
+/// `value` as a request's `authorization: Bearer` header, when given.
+fn bearer<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(t) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("metadata value"),
+        );
+    }
+    request
+}
+
+async fn send_with(
+    to: std::net::SocketAddr,
+    token: Option<&str>,
+    req: ExportTraceServiceRequest,
+) -> Result<(), tonic::Status> {
     TraceServiceClient::connect(format!("http://{to}"))
         .await
         .expect("connect")
-        .export(req)
+        .export(bearer(req, token))
         .await
-        .expect("export accepted");
+        .map(|_| ())
 }
 
 fn trace_ids(search: &Value) -> Vec<String> {
@@ -263,5 +307,127 @@ async fn services_operations_dependencies_limits_and_writes_through_jaeger() {
         ui_tag(ui_span(&written, "kms.request"), "rpc.method"),
         Some(&Value::from("SignCert"))
     );
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// Each remote-storage service the port offers, called as a raw client with
+/// `token`: `Ok` or the status code.
+async fn call_each_service(
+    storage: std::net::SocketAddr,
+    token: Option<&str>,
+) -> [Result<(), tonic::Code>; 3] {
+    let url = format!("http://{storage}");
+    let mut traces = TraceReaderClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let services = traces
+        .get_services(bearer(GetServicesRequest {}, token))
+        .await
+        .map(|r| assert_eq!(r.into_inner().services, vec!["dstack-kms".to_owned()]));
+    let mut deps = DependencyReaderClient::connect(url).await.expect("connect");
+    let dependencies = deps
+        .get_dependencies(bearer(GetDependenciesRequest::default(), token))
+        .await
+        .map(|_| ());
+    let now = now_ns();
+    let t = kms::trace_id(400);
+    let write = send_with(
+        storage,
+        token,
+        kms::export(vec![kms::request(&t, 40, "GetAppKey", now - SEC, SEC / 2)]),
+    )
+    .await;
+    [services, dependencies, write].map(|r| r.map_err(|s| s.code()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_the_storage_port_refuses_callers_without_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = collector(dir.path(), Some(TOKEN)).await;
+    let storage = server.jaeger_storage_addr().expect("jaeger-storage bound");
+    assert!(storage.ip().is_loopback());
+    send_with(
+        server.grpc_addr(),
+        Some(TOKEN),
+        kms::export(vec![kms::request(
+            &kms::trace_id(1),
+            1,
+            "GetMeta",
+            now_ns() - SEC,
+            SEC / 2,
+        )]),
+    )
+    .await
+    .expect("OTLP export with the token");
+
+    let refused = [Err(tonic::Code::Unauthenticated); 3];
+    assert_eq!(call_each_service(storage, None).await, refused, "no token");
+    assert_eq!(
+        call_each_service(storage, Some(WRONG)).await,
+        refused,
+        "wrong token"
+    );
+    let reader = SqliteReader::open(server.db_path()).expect("reader");
+    assert!(
+        select_spans(&reader, &Selection::Trace(hex(&kms::trace_id(400))))
+            .expect("select")
+            .is_empty(),
+        "a write without the token reached the store"
+    );
+    assert_eq!(
+        call_each_service(storage, Some(TOKEN)).await,
+        [Ok(()); 3],
+        "the token"
+    );
+    assert!(
+        !select_spans(&reader, &Selection::Trace(hex(&kms::trace_id(400))))
+            .expect("select")
+            .is_empty()
+    );
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jaeger_sending_the_token_in_its_headers_finds_traces() {
+    let Some(bin) = jaeger_bin() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = collector(dir.path(), Some(TOKEN)).await;
+    let now = now_ns();
+    let stuck_t = kms::trace_id(500);
+    let request = kms::request(&stuck_t, 50, "GetMeta", now - 12 * SEC, 20 * SEC);
+    send_with(
+        server.grpc_addr(),
+        Some(TOKEN),
+        kms::export(vec![kms::snapshot(&request, 1, 12 * SEC)]),
+    )
+    .await
+    .expect("export with the token");
+
+    let jaeger = jaeger_reading(&bin, &server, Some(TOKEN)).await;
+    let (status, found) = jaeger.get(STUCK_SEARCH).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(trace_ids(&found), vec![hex(&stuck_t)], "{found}");
+    let (_, services) = jaeger.get("/api/services").await;
+    assert_eq!(
+        services["data"],
+        serde_json::json!(["dstack-kms"]),
+        "{services}"
+    );
+
+    // The same Jaeger with a wrong token reads nothing: the header is what
+    // lets it in.
+    let storage = server.jaeger_storage_addr().expect("jaeger-storage bound");
+    let refused = Jaeger::start_refused(
+        &bin,
+        "remote-storage.yaml",
+        &[
+            ("KMS_JAEGER_STORAGE", storage.to_string()),
+            ("KMS_JAEGER_STORAGE_TOKEN", WRONG.to_owned()),
+        ],
+    )
+    .await;
+    let (status, body) = refused.get(STUCK_SEARCH).await;
+    assert_ne!(status, 200, "{body}");
+    assert!(body.to_string().contains("token"), "{body}");
     server.shutdown().await.expect("clean shutdown");
 }

@@ -69,8 +69,32 @@ pub struct Jaeger {
 
 impl Jaeger {
     /// Starts `bin` with `config_file` on fresh ports (`otlp_grpc` given, or
-    /// fresh), `extra_env` added, and waits until its query API answers.
+    /// fresh), `extra_env` added, and waits until its query API answers
+    /// `/api/services` (so its storage answers too).
     pub async fn start(
+        bin: &Path,
+        config_file: &str,
+        otlp_grpc: Option<SocketAddr>,
+        extra_env: &[(&str, String)],
+    ) -> Jaeger {
+        let mut j = Jaeger::launch(bin, config_file, otlp_grpc, extra_env);
+        j.wait_ready(|status| (200..300).contains(&status)).await;
+        j
+    }
+
+    /// As [`Jaeger::start`], for a Jaeger whose storage is expected to
+    /// refuse it: ready when its query API answers at all.
+    pub async fn start_refused(
+        bin: &Path,
+        config_file: &str,
+        extra_env: &[(&str, String)],
+    ) -> Jaeger {
+        let mut j = Jaeger::launch(bin, config_file, None, extra_env);
+        j.wait_ready(|_| true).await;
+        j
+    }
+
+    fn launch(
         bin: &Path,
         config_file: &str,
         otlp_grpc: Option<SocketAddr>,
@@ -87,6 +111,7 @@ impl Jaeger {
             .env("JAEGER_QUERY_HTTP", query_http.to_string())
             .env("JAEGER_QUERY_GRPC", free_port().to_string())
             .env("JAEGER_HEALTH", free_port().to_string())
+            .env_remove("KMS_JAEGER_STORAGE_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("jaeger log file"));
@@ -94,18 +119,16 @@ impl Jaeger {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start jaeger");
-        let mut j = Jaeger {
+        Jaeger {
             child,
             otlp_grpc,
             query_http,
             log,
             _dir: dir,
-        };
-        j.wait_ready().await;
-        j
+        }
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self, services_answered: impl Fn(u16) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
         let client = http();
         loop {
@@ -117,7 +140,7 @@ impl Jaeger {
             }
             let url = format!("http://{}/api/services", self.query_http);
             if let Ok(r) = client.get(&url).send().await {
-                if r.status().is_success() {
+                if services_answered(r.status().as_u16()) {
                     // The OTLP receiver starts after the query extension.
                     if tokio::net::TcpStream::connect(self.otlp_grpc).await.is_ok() {
                         return;
