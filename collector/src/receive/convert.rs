@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
-use crate::store::encoded::{EncodedEvent, EncodedMetric, EncodedSpan};
+use crate::store::encoded::{EncodedEvent, EncodedMetric, EncodedSpan, RawId};
 
 /// The attribute that marks an open-span snapshot (docs/wire-format.md).
 pub(crate) const INCOMPLETE_ATTR: &str = "incomplete";
@@ -162,6 +162,13 @@ pub(crate) fn traces(req: &ExportTraceServiceRequest, received_ns: i64) -> Conve
                     out.rejected += 1;
                     continue;
                 }
+                let (Some(trace_id), Some(span_id)) = (
+                    RawId::from_bytes(&span.trace_id),
+                    RawId::from_bytes(&span.span_id),
+                ) else {
+                    out.rejected += 1;
+                    continue;
+                };
                 let incomplete = is_incomplete(span);
                 let snapshot_seq = match find(&span.attributes, SNAPSHOT_SEQ_ATTR) {
                     Some(any_value::Value::IntValue(i)) if incomplete => Some(*i),
@@ -178,10 +185,11 @@ pub(crate) fn traces(req: &ExportTraceServiceRequest, received_ns: i64) -> Conve
                     .collect();
                 let status = span.status.as_ref();
                 out.rows.push(EncodedSpan {
-                    trace_id: hex(&span.trace_id),
-                    span_id: hex(&span.span_id),
+                    trace_id,
+                    span_id,
                     parent_span_id: valid_id(&span.parent_span_id, 8)
-                        .then(|| hex(&span.parent_span_id)),
+                        .then(|| RawId::from_bytes(&span.parent_span_id))
+                        .flatten(),
                     name: span.name.clone(),
                     kind: span.kind,
                     service: service.clone(),
@@ -363,8 +371,8 @@ mod tests {
         let out = traces(&req, 7);
         assert_eq!(out.rows.len(), 1);
         assert_eq!(out.rejected, 3);
-        assert_eq!(out.rows[0].trace_id, "01".repeat(16));
-        assert_eq!(out.rows[0].span_id, "02".repeat(8));
+        assert_eq!(out.rows[0].trace_id.as_bytes(), [1; 16]);
+        assert_eq!(out.rows[0].span_id.as_bytes(), [2; 8]);
         assert!(out.reason.is_some());
     }
 

@@ -1,15 +1,15 @@
-//! Rows already encoded for SQLite: JSON text and dedup keys computed by
-//! whoever sends them, so that the one store thread only inserts.
+//! Rows already encoded for SQLite: ids as bytes, JSON text and dedup keys
+//! computed by whoever sends them, so that the one store thread only inserts.
 
 use std::sync::Arc;
 
-use super::{Batch, EventRow, MetricSample, SpanRow};
+use super::{Batch, EventRow, MetricSample, SpanRow, StoreError};
 
 /// A batch encoded for storage: what [`super::Record::Encoded`] carries.
 ///
 /// The receivers build it on their own tasks, straight from OTLP, so the
-/// serial part of ingest (the store thread) does no JSON work. Any [`Batch`]
-/// converts into one.
+/// serial part of ingest (the store thread) does no JSON work. The store
+/// encodes a [`Batch`] into one itself.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EncodedBatch {
     pub(crate) spans: Vec<EncodedSpan>,
@@ -29,12 +29,91 @@ impl EncodedBatch {
     }
 }
 
-/// A [`SpanRow`] with its JSON columns as text.
+/// A trace or span id as the bytes stored in `span_rows` (16 and 8 bytes
+/// from OTLP; up to 16 from a hand-made [`SpanRow`]), held inline so that
+/// encoding a span allocates nothing for its ids.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct RawId {
+    len: u8,
+    bytes: [u8; 16],
+}
+
+impl RawId {
+    /// The id of `bytes`, or `None` when longer than 16 bytes.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let mut id = RawId {
+            len: u8::try_from(bytes.len()).ok().filter(|&n| n <= 16)?,
+            bytes: [0; 16],
+        };
+        id.bytes[..bytes.len()].copy_from_slice(bytes);
+        Some(id)
+    }
+
+    /// Parses hex digits (either case), or `None` when `hex` is not an even
+    /// number of at most 32 hex digits.
+    pub(crate) fn from_hex(hex: &str) -> Option<Self> {
+        let digits = hex.as_bytes();
+        if !digits.len().is_multiple_of(2) || digits.len() > 32 {
+            return None;
+        }
+        let mut id = RawId {
+            len: u8::try_from(digits.len() / 2).ok()?,
+            bytes: [0; 16],
+        };
+        for (out, pair) in id.bytes.iter_mut().zip(digits.chunks_exact(2)) {
+            *out = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        }
+        Some(id)
+    }
+
+    /// The stored bytes.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+fn nibble(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Lowercase hex of `bytes`: how ids read outside the store.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+impl std::fmt::Debug for RawId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex(self.as_bytes()))
+    }
+}
+
+impl rusqlite::ToSql for RawId {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(rusqlite::types::ToSqlOutput::Borrowed(
+            rusqlite::types::ValueRef::Blob(self.as_bytes()),
+        ))
+    }
+}
+
+/// A [`SpanRow`] with its ids as bytes and its JSON columns as text. The
+/// resource is its JSON text: the store turns it (with `service` and
+/// `scope`) into a `resources` row id.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct EncodedSpan {
-    pub(crate) trace_id: String,
-    pub(crate) span_id: String,
-    pub(crate) parent_span_id: Option<String>,
+    pub(crate) trace_id: RawId,
+    pub(crate) span_id: RawId,
+    pub(crate) parent_span_id: Option<RawId>,
     pub(crate) name: String,
     pub(crate) kind: i32,
     pub(crate) service: Option<Arc<str>>,
@@ -83,12 +162,18 @@ fn json_text(value: &serde_json::Value) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
 
-impl From<&SpanRow> for EncodedSpan {
-    fn from(s: &SpanRow) -> Self {
-        EncodedSpan {
-            trace_id: s.trace_id.clone(),
-            span_id: s.span_id.clone(),
-            parent_span_id: s.parent_span_id.clone(),
+fn id_of(hex: &str) -> Result<RawId, StoreError> {
+    RawId::from_hex(hex).ok_or_else(|| StoreError::InvalidId { id: hex.to_owned() })
+}
+
+impl TryFrom<&SpanRow> for EncodedSpan {
+    type Error = StoreError;
+
+    fn try_from(s: &SpanRow) -> Result<Self, StoreError> {
+        Ok(EncodedSpan {
+            trace_id: id_of(&s.trace_id)?,
+            span_id: id_of(&s.span_id)?,
+            parent_span_id: s.parent_span_id.as_deref().map(id_of).transpose()?,
             name: s.name.clone(),
             kind: s.kind,
             service: s.service.as_deref().map(Arc::from),
@@ -103,7 +188,7 @@ impl From<&SpanRow> for EncodedSpan {
             events: json_text(&s.events),
             resource: Arc::from(json_text(&s.resource)),
             received_ns: s.received_ns,
-        }
+        })
     }
 }
 
@@ -205,13 +290,22 @@ impl From<&MetricSample> for EncodedMetric {
     }
 }
 
-impl From<&Batch> for EncodedBatch {
-    fn from(b: &Batch) -> Self {
-        EncodedBatch {
-            spans: b.spans.iter().map(EncodedSpan::from).collect(),
+impl EncodedBatch {
+    /// Encodes a hand-made batch.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidId`] for a trace or span id that is not hex.
+    pub(crate) fn encode(b: &Batch) -> Result<Self, StoreError> {
+        Ok(EncodedBatch {
+            spans: b
+                .spans
+                .iter()
+                .map(EncodedSpan::try_from)
+                .collect::<Result<_, _>>()?,
             events: b.events.iter().map(EncodedEvent::from).collect(),
             metrics: b.metrics.iter().map(EncodedMetric::from).collect(),
-        }
+        })
     }
 }
 

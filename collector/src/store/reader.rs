@@ -1,10 +1,15 @@
 //! Reading the store: the [`Reader`] trait the diagnosis and the exports use,
 //! and its SQLite implementation on a read-only connection.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use serde_json::Value;
+
+use super::encoded::{hex, RawId};
+use super::SCHEMA_VERSION;
 
 use super::model::{
     ConsoleAsyncOpRow, ConsoleResourceRow, ConsoleSnapshot, ConsoleTaskRow, EventRow, ProbeAttempt,
@@ -72,6 +77,21 @@ pub enum ReadError {
     NotAStore {
         /// The file.
         path: PathBuf,
+    },
+    /// The file is a store of another schema version (`PRAGMA
+    /// user_version`): written by an older or newer collector, whose own
+    /// `report` and `export` read it.
+    #[error(
+        "{path} has store schema version {found}; this kms-collector reads version {expected} \
+         only (read it with the collector that wrote it)"
+    )]
+    SchemaVersion {
+        /// The file.
+        path: PathBuf,
+        /// `PRAGMA user_version` of the file.
+        found: i64,
+        /// The version this collector reads.
+        expected: i64,
     },
     /// A query failed.
     #[error("reading the store: {0}")]
@@ -166,9 +186,12 @@ pub struct SqliteReader {
     conn: Connection,
 }
 
-const SPAN_COLUMNS: &str = "trace_id, span_id, parent_span_id, name, kind, service, scope, \
-     start_ns, end_ns, status_code, status_message, incomplete, snapshot_seq, attributes, \
-     events, resource, received_ns";
+/// A span with its producer, as [`span_row`] reads it; queries add
+/// `WHERE` clauses on `s` (`span_rows`).
+const SPAN_SELECT: &str = "SELECT s.trace_id, s.span_id, s.parent_span_id, s.name, s.kind, \
+     s.service, s.resource_id, s.start_ns, s.end_ns, s.status_code, s.status_message, \
+     s.incomplete, s.snapshot_seq, s.attributes, s.events, s.received_ns, r.scope, \
+     r.attributes FROM span_rows s LEFT JOIN resources r ON r.id = s.resource_id";
 
 const EVENT_COLUMNS: &str =
     "time_ns, name, severity, trace_id, span_id, service, body, attributes, received_ns";
@@ -181,7 +204,8 @@ impl SqliteReader {
     /// # Errors
     ///
     /// [`ReadError::Open`] when SQLite cannot open the file,
-    /// [`ReadError::NotAStore`] when it has no `spans` table.
+    /// [`ReadError::NotAStore`] when it has no `spans` table,
+    /// [`ReadError::SchemaVersion`] when another collector version wrote it.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ReadError> {
         let path = path.as_ref();
         let conn = Connection::open_with_flags(
@@ -196,6 +220,13 @@ impl SqliteReader {
             ReadError::NotAStore { .. } => ReadError::NotAStore {
                 path: path.to_owned(),
             },
+            ReadError::SchemaVersion {
+                found, expected, ..
+            } => ReadError::SchemaVersion {
+                path: path.to_owned(),
+                found,
+                expected,
+            },
             other => other,
         })
     }
@@ -205,18 +236,26 @@ impl SqliteReader {
     ///
     /// # Errors
     ///
-    /// [`ReadError::NotAStore`] when the database has no `spans` table.
+    /// [`ReadError::NotAStore`] when the database has no `spans` table,
+    /// [`ReadError::SchemaVersion`] when it is a store of another version.
     pub fn from_connection(conn: Connection) -> Result<Self, ReadError> {
+        let path = || PathBuf::from(conn.path().unwrap_or(""));
         let has_spans: Option<i64> = conn
             .query_row(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'spans'",
+                "SELECT 1 FROM sqlite_master WHERE type IN ('table', 'view') AND name = 'spans'",
                 [],
                 |r| r.get(0),
             )
             .optional()?;
         if has_spans.is_none() {
-            return Err(ReadError::NotAStore {
-                path: PathBuf::from(conn.path().unwrap_or("")),
+            return Err(ReadError::NotAStore { path: path() });
+        }
+        let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found != SCHEMA_VERSION {
+            return Err(ReadError::SchemaVersion {
+                path: path(),
+                found,
+                expected: SCHEMA_VERSION,
             });
         }
         // Large scans for the report: give SQLite room, keep temp data in memory.
@@ -230,15 +269,42 @@ fn json(text: Option<String>, empty: &str) -> Value {
         .unwrap_or_else(|| serde_json::from_str(empty).unwrap_or(Value::Null))
 }
 
-fn span_row(r: &Row<'_>) -> rusqlite::Result<SpanRow> {
+/// A stored id as lowercase hex (`None` for NULL).
+fn id_hex(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<String>> {
+    Ok(match r.get_ref(i)? {
+        ValueRef::Null => None,
+        ValueRef::Blob(b) => Some(hex(b)),
+        ValueRef::Text(t) => Some(String::from_utf8_lossy(t).to_ascii_lowercase()),
+        ValueRef::Integer(n) => Some(format!("{n:016x}")),
+        ValueRef::Real(x) => Some(x.to_string()),
+    })
+}
+
+/// Producers already read in one query, by `resources.id`: their scope and
+/// parsed attributes, so that each resource's JSON is parsed once.
+type SeenResources = HashMap<i64, (Option<String>, Value)>;
+
+/// One row of [`SPAN_SELECT`].
+fn span_row(r: &Row<'_>, seen: &mut SeenResources) -> rusqlite::Result<SpanRow> {
+    let resource_id: Option<i64> = r.get(6)?;
+    let (scope, resource) = match resource_id.and_then(|id| seen.get(&id)) {
+        Some(known) => known.clone(),
+        None => {
+            let known = (r.get::<_, Option<String>>(16)?, json(r.get(17)?, "{}"));
+            if let Some(id) = resource_id {
+                seen.insert(id, known.clone());
+            }
+            known
+        }
+    };
     Ok(SpanRow {
-        trace_id: r.get(0)?,
-        span_id: r.get(1)?,
-        parent_span_id: r.get(2)?,
+        trace_id: id_hex(r, 0)?.unwrap_or_default(),
+        span_id: id_hex(r, 1)?.unwrap_or_default(),
+        parent_span_id: id_hex(r, 2)?,
         name: r.get(3)?,
         kind: r.get(4)?,
         service: r.get(5)?,
-        scope: r.get(6)?,
+        scope,
         start_ns: r.get(7)?,
         end_ns: r.get(8)?,
         status_code: r.get(9)?,
@@ -247,9 +313,21 @@ fn span_row(r: &Row<'_>) -> rusqlite::Result<SpanRow> {
         snapshot_seq: r.get(12)?,
         attributes: json(r.get(13)?, "{}"),
         events: json(r.get(14)?, "[]"),
-        resource: json(r.get(15)?, "{}"),
-        received_ns: r.get(16)?,
+        resource,
+        received_ns: r.get(15)?,
     })
+}
+
+/// Runs a [`SPAN_SELECT`] query.
+fn query_spans(
+    conn: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> Result<Vec<SpanRow>, ReadError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut seen = SeenResources::new();
+    let rows = stmt.query_map(args, |r| span_row(r, &mut seen))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 fn event_row(r: &Row<'_>) -> rusqlite::Result<EventRow> {
@@ -291,12 +369,12 @@ impl Reader for SqliteReader {
         // (or a small table): cheap on a store with millions of spans.
         let parts = [
             (
-                "SELECT MIN(start_ns) FROM spans",
-                "SELECT MAX(start_ns) FROM spans",
+                "SELECT MIN(start_ns) FROM span_rows",
+                "SELECT MAX(start_ns) FROM span_rows",
             ),
             (
-                "SELECT MIN(start_ns) FROM spans WHERE incomplete = 1",
-                "SELECT MAX(end_ns) FROM spans WHERE incomplete = 1",
+                "SELECT MIN(start_ns) FROM span_rows WHERE incomplete = 1",
+                "SELECT MAX(end_ns) FROM span_rows WHERE incomplete = 1",
             ),
             (
                 "SELECT MIN(time_ns) FROM events",
@@ -333,21 +411,19 @@ impl Reader for SqliteReader {
 
     fn incomplete_spans(&self, window: TimeWindow) -> Result<Vec<SpanRow>, ReadError> {
         let sql = format!(
-            "SELECT {SPAN_COLUMNS} FROM spans WHERE incomplete = 1 \
-             AND start_ns <= ?1 AND end_ns >= ?2 ORDER BY start_ns, trace_id, span_id"
+            "{SPAN_SELECT} WHERE s.incomplete = 1 \
+             AND s.start_ns <= ?1 AND s.end_ns >= ?2 ORDER BY s.start_ns, s.trace_id, s.span_id"
         );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params![window.to_ns, window.from_ns], span_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        query_spans(&self.conn, &sql, params![window.to_ns, window.from_ns])
     }
 
     fn trace(&self, trace_id: &str) -> Result<Vec<SpanRow>, ReadError> {
-        let sql = format!(
-            "SELECT {SPAN_COLUMNS} FROM spans WHERE trace_id = ?1 ORDER BY start_ns, span_id"
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params![trace_id.to_ascii_lowercase()], span_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        // An id that is not hex names no stored trace.
+        let Some(id) = RawId::from_hex(trace_id) else {
+            return Ok(Vec::new());
+        };
+        let sql = format!("{SPAN_SELECT} WHERE s.trace_id = ?1 ORDER BY s.start_ns, s.span_id");
+        query_spans(&self.conn, &sql, params![id])
     }
 
     fn spans_started(
@@ -357,20 +433,19 @@ impl Reader for SqliteReader {
         limit: usize,
     ) -> Result<Vec<SpanRow>, ReadError> {
         let sql = format!(
-            "SELECT {SPAN_COLUMNS} FROM spans WHERE start_ns BETWEEN ?1 AND ?2 AND name = ?3 \
-             ORDER BY start_ns, trace_id, span_id LIMIT ?4"
+            "{SPAN_SELECT} WHERE s.start_ns BETWEEN ?1 AND ?2 AND s.name = ?3 \
+             ORDER BY s.start_ns, s.trace_id, s.span_id LIMIT ?4"
         );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(
+        query_spans(
+            &self.conn,
+            &sql,
             params![window.from_ns, window.to_ns, name, to_limit(limit)],
-            span_row,
-        )?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        )
     }
 
     fn count_spans_started(&self, window: TimeWindow, name: &str) -> Result<u64, ReadError> {
         let n: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM spans WHERE start_ns BETWEEN ?1 AND ?2 AND name = ?3",
+            "SELECT COUNT(*) FROM span_rows WHERE start_ns BETWEEN ?1 AND ?2 AND name = ?3",
             params![window.from_ns, window.to_ns, name],
             |r| r.get(0),
         )?;
@@ -379,15 +454,14 @@ impl Reader for SqliteReader {
 
     fn spans(&self, window: TimeWindow, limit: usize) -> Result<Vec<SpanRow>, ReadError> {
         let sql = format!(
-            "SELECT {SPAN_COLUMNS} FROM spans WHERE start_ns BETWEEN ?1 AND ?2 \
-             ORDER BY start_ns, trace_id, span_id LIMIT ?3"
+            "{SPAN_SELECT} WHERE s.start_ns BETWEEN ?1 AND ?2 \
+             ORDER BY s.start_ns, s.trace_id, s.span_id LIMIT ?3"
         );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(
+        query_spans(
+            &self.conn,
+            &sql,
             params![window.from_ns, window.to_ns, to_limit(limit)],
-            span_row,
-        )?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        )
     }
 
     fn events(&self, name: &str, window: TimeWindow) -> Result<Vec<EventRow>, ReadError> {
@@ -655,7 +729,7 @@ mod tests {
     fn the_reader_cannot_write() {
         let (_dir, path, _conn) = store();
         let r = SqliteReader::open(&path).expect("open");
-        let err = r.conn.execute("DELETE FROM spans", []);
+        let err = r.conn.execute("DELETE FROM span_rows", []);
         assert!(err.is_err(), "a read-only connection accepted a write");
     }
 }

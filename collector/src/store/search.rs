@@ -3,7 +3,7 @@
 //! time range, service links). The [`Reader`](super::Reader) methods that
 //! answer them are implemented here for SQLite.
 //!
-//! Each query is answered from an index on `spans` (`schema.sql`:
+//! Each query is answered from an index on `span_rows` (`schema.sql`:
 //! `spans_service_start`, `spans_service_name_start`,
 //! `spans_service_name_duration`), never by scanning the table: the distinct
 //! services and operations by skipping through the index, a search by
@@ -17,6 +17,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use serde_json::Value;
 
+use super::encoded::hex;
 use super::reader::{ReadError, TimeWindow};
 
 /// A trace search: every condition given must hold for one span of the
@@ -79,7 +80,7 @@ pub struct ServiceLink {
 
 pub(super) fn services(conn: &Connection) -> Result<Vec<String>, ReadError> {
     // Skip-scan: one index seek per distinct service.
-    let mut stmt = conn.prepare_cached("SELECT MIN(service) FROM spans WHERE service > ?1")?;
+    let mut stmt = conn.prepare_cached("SELECT MIN(service) FROM span_rows WHERE service > ?1")?;
     let mut out = Vec::new();
     let mut after = String::new();
     while let Some(next) = stmt
@@ -98,7 +99,7 @@ pub(super) fn operations(
     service: &str,
 ) -> Result<Vec<OperationName>, ReadError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT name, kind FROM spans WHERE service = ?1 AND name > ?2 \
+        "SELECT name, kind FROM span_rows WHERE service = ?1 AND name > ?2 \
          ORDER BY service, name LIMIT 1",
     )?;
     let mut out = Vec::new();
@@ -136,7 +137,7 @@ pub(super) fn find_traces(conn: &Connection, q: &TraceQuery) -> Result<Vec<Found
     if q.limit == 0 {
         return Ok(Vec::new());
     }
-    let mut sql = String::from("SELECT trace_id, start_ns, end_ns");
+    let mut sql = String::from("SELECT s.trace_id, s.start_ns, s.end_ns");
     let mut conds: Vec<&str> = Vec::new();
     let mut args: Vec<SqlValue> = Vec::new();
     // `incomplete` and `error` are columns; other attributes are checked on
@@ -144,15 +145,15 @@ pub(super) fn find_traces(conn: &Connection, q: &TraceQuery) -> Result<Vec<Found
     let mut residual: Vec<&(String, Value)> = Vec::new();
     for kv in &q.attributes {
         match (kv.0.as_str(), is_true(&kv.1)) {
-            ("incomplete", true) => conds.push("incomplete = 1"),
-            ("error", true) => conds.push("(status_code = 2 OR incomplete = 1)"),
+            ("incomplete", true) => conds.push("s.incomplete = 1"),
+            ("error", true) => conds.push("(s.status_code = 2 OR s.incomplete = 1)"),
             _ => residual.push(kv),
         }
     }
     if !residual.is_empty() {
-        sql.push_str(", attributes, resource");
+        sql.push_str(", s.attributes, r.attributes");
     }
-    sql.push_str(" FROM spans");
+    sql.push_str(" FROM span_rows s");
     let duration = q.duration_min_ns.is_some() || q.duration_max_ns.is_some();
     // Pick the index. With a service and an operation, a duration bound
     // walks the duration index when few spans are in the duration range
@@ -167,35 +168,38 @@ pub(super) fn find_traces(conn: &Connection, q: &TraceQuery) -> Result<Vec<Found
         _ => None,
     };
     let hint_at = sql.len();
+    if !residual.is_empty() {
+        sql.push_str(" LEFT JOIN resources r ON r.id = s.resource_id");
+    }
     if let Some(s) = &q.service {
-        conds.push("service = ?");
+        conds.push("s.service = ?");
         args.push(SqlValue::Text(s.clone()));
     }
     if let Some(o) = &q.operation {
-        conds.push("name = ?");
+        conds.push("s.name = ?");
         args.push(SqlValue::Text(o.clone()));
     }
     if let Some(t) = q.start_min_ns {
-        conds.push("start_ns >= ?");
+        conds.push("s.start_ns >= ?");
         args.push(SqlValue::Integer(t));
     }
     if let Some(t) = q.start_max_ns {
-        conds.push("start_ns <= ?");
+        conds.push("s.start_ns <= ?");
         args.push(SqlValue::Integer(t));
     }
     if let Some(d) = q.duration_min_ns {
-        conds.push("end_ns - start_ns >= ?");
+        conds.push("s.end_ns - s.start_ns >= ?");
         args.push(SqlValue::Integer(d));
     }
     if let Some(d) = q.duration_max_ns {
-        conds.push("end_ns - start_ns <= ?");
+        conds.push("s.end_ns - s.start_ns <= ?");
         args.push(SqlValue::Integer(d));
     }
     if !conds.is_empty() {
         sql.push_str(" WHERE ");
         sql.push_str(&conds.join(" AND "));
     }
-    sql.push_str(" ORDER BY start_ns DESC");
+    sql.push_str(" ORDER BY s.start_ns DESC");
     // A store last opened by an older collector lacks the search indexes:
     // answer without the hint (slower) rather than fail.
     let hinted = index.map(|i| {
@@ -211,7 +215,10 @@ pub(super) fn find_traces(conn: &Connection, q: &TraceQuery) -> Result<Vec<Found
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
-        let trace_id: String = r.get(0)?;
+        let trace_id = match r.get_ref(0)? {
+            rusqlite::types::ValueRef::Blob(b) => hex(b),
+            _ => continue,
+        };
         if seen.contains(&trace_id) {
             continue;
         }
@@ -251,7 +258,8 @@ fn few_in_duration(
     operation: &str,
     q: &TraceQuery,
 ) -> Result<bool, ReadError> {
-    let sql = "SELECT COUNT(*) FROM (SELECT 1 FROM spans INDEXED BY spans_service_name_duration \
+    let sql =
+        "SELECT COUNT(*) FROM (SELECT 1 FROM span_rows INDEXED BY spans_service_name_duration \
                WHERE service = ?1 AND name = ?2 AND end_ns - start_ns >= ?3 \
                AND end_ns - start_ns <= ?4 LIMIT ?5)";
     let Ok(mut stmt) = conn.prepare_cached(sql) else {
@@ -283,12 +291,12 @@ pub(super) fn service_links(
     // Parent links across services, and outbound calls to uninstrumented
     // peers named by `kms.peer`.
     let mut stmt = conn.prepare_cached(
-        "SELECT p.service, c.service, COUNT(*) FROM spans c \
-         JOIN spans p ON p.trace_id = c.trace_id AND p.span_id = c.parent_span_id \
+        "SELECT p.service, c.service, COUNT(*) FROM span_rows c \
+         JOIN span_rows p ON p.trace_id = c.trace_id AND p.span_id = c.parent_span_id \
          WHERE c.start_ns BETWEEN ?1 AND ?2 AND p.service IS NOT NULL \
          AND c.service IS NOT NULL AND p.service != c.service GROUP BY 1, 2 \
          UNION ALL \
-         SELECT service, json_extract(attributes, '$.\"kms.peer\"'), COUNT(*) FROM spans \
+         SELECT service, json_extract(attributes, '$.\"kms.peer\"'), COUNT(*) FROM span_rows \
          WHERE start_ns BETWEEN ?1 AND ?2 AND kind = 3 AND service IS NOT NULL \
          AND json_extract(attributes, '$.\"kms.peer\"') IS NOT NULL GROUP BY 1, 2 \
          ORDER BY 1, 2",

@@ -1,5 +1,6 @@
 //! The SQLite store: one file, WAL mode, the schema of `schema.sql`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -12,11 +13,11 @@ use super::writer::{Record, Retention, RetentionSummary, StoreError, Writer};
 use super::{ConsoleSnapshot, ProbeAttempt, SCHEMA_SQL};
 
 /// `PRAGMA user_version` this collector writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Tables that retention trims, each with the column that says how old a row is.
 const AGED_TABLES: &[(&str, &str)] = &[
-    ("spans", "received_ns"),
+    ("span_rows", "received_ns"),
     ("events", "received_ns"),
     ("metric_samples", "received_ns"),
     ("probe_attempts", "time_ns"),
@@ -26,30 +27,32 @@ const AGED_TABLES: &[(&str, &str)] = &[
     ("collector_stats", "time_ns"),
 ];
 
-/// Rows per multi-row span insert (17 parameters each).
+/// Parameters of one span row.
+const SPAN_PARAMS: usize = 16;
+/// Rows per multi-row span insert (16 parameters each).
 const SPANS_PER_INSERT: usize = 32;
 
 /// The upsert of `n` span rows. The merge rule of docs/wire-format.md: only
 /// a stored snapshot can be replaced, by the closed span or by a newer
 /// snapshot. SQLite applies it row by row, also between rows of one statement.
 fn insert_spans_sql(n: usize) -> String {
-    let row = format!("({})", vec!["?"; 17].join(", "));
+    let row = format!("({})", vec!["?"; SPAN_PARAMS].join(", "));
     format!(
-        "INSERT INTO spans (trace_id, span_id, parent_span_id, name, kind, service, scope,
-                   start_ns, end_ns, status_code, status_message, incomplete, snapshot_seq,
-                   attributes, events, resource, received_ns)
+        "INSERT INTO span_rows (trace_id, span_id, parent_span_id, name, kind, service,
+                   resource_id, start_ns, end_ns, status_code, status_message, incomplete,
+                   snapshot_seq, attributes, events, received_ns)
 VALUES {}
 ON CONFLICT (trace_id, span_id) DO UPDATE SET
     parent_span_id = excluded.parent_span_id, name = excluded.name, kind = excluded.kind,
-    service = excluded.service, scope = excluded.scope, start_ns = excluded.start_ns,
-    end_ns = excluded.end_ns, status_code = excluded.status_code,
+    service = excluded.service, resource_id = excluded.resource_id,
+    start_ns = excluded.start_ns, end_ns = excluded.end_ns, status_code = excluded.status_code,
     status_message = excluded.status_message, incomplete = excluded.incomplete,
     snapshot_seq = excluded.snapshot_seq, attributes = excluded.attributes,
-    events = excluded.events, resource = excluded.resource, received_ns = excluded.received_ns
-WHERE spans.incomplete = 1
+    events = excluded.events, received_ns = excluded.received_ns
+WHERE span_rows.incomplete = 1
   AND (excluded.incomplete = 0
        OR (COALESCE(excluded.snapshot_seq, 0), excluded.end_ns)
-          > (COALESCE(spans.snapshot_seq, 0), spans.end_ns))",
+          > (COALESCE(span_rows.snapshot_seq, 0), span_rows.end_ns))",
         vec![row; n].join(",\n       ")
     )
 }
@@ -112,6 +115,7 @@ const INSERT_STAT: &str =
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    resources: Resources,
     // Holds its own connection: stops (and joins) when the store drops.
     _checkpointer: Checkpointer,
 }
@@ -188,7 +192,9 @@ impl SqliteStore {
     /// # Errors
     ///
     /// [`StoreError::Sqlite`] when the file cannot be opened or the schema
-    /// applied; [`StoreError::SchemaTooNew`] when a newer collector made it.
+    /// applied; [`StoreError::SchemaTooOld`] or [`StoreError::SchemaTooNew`]
+    /// when another version of the collector made it (the file is left as
+    /// it was).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let conn = Connection::open_with_flags(
@@ -203,10 +209,17 @@ impl SqliteStore {
         let found: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(StoreError::sqlite("reading the schema version"))?;
+        // 0: a new file (SQLite's default).
         if found > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew {
                 found,
                 supported: SCHEMA_VERSION,
+            });
+        }
+        if found != 0 && found < SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooOld {
+                found,
+                expected: SCHEMA_VERSION,
             });
         }
         // auto_vacuum only takes effect before the first table is created, so
@@ -244,6 +257,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             path,
+            resources: Resources::default(),
             _checkpointer: checkpointer,
         })
     }
@@ -321,31 +335,10 @@ impl SqliteStore {
 
 impl Writer for SqliteStore {
     fn write(&mut self, records: &[Record]) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(StoreError::sqlite("starting a transaction"))?;
-        for record in records {
-            match record {
-                Record::Batch(batch) => write_encoded(&tx, &EncodedBatch::from(batch))?,
-                Record::Encoded(batch) => write_encoded(&tx, batch)?,
-                Record::Probe(attempt) => write_probe(&tx, attempt)?,
-                Record::Console(snapshot) => write_console(&tx, snapshot)?,
-                Record::Stats { time_ns, values } => {
-                    let op = "writing collector stats";
-                    let mut stmt = tx
-                        .prepare_cached(INSERT_STAT)
-                        .map_err(StoreError::sqlite(op))?;
-                    for (name, value) in values {
-                        stmt.execute(params![time_ns, name, value])
-                            .map_err(StoreError::sqlite(op))?;
-                    }
-                }
-            }
-        }
-        tx.commit().map_err(StoreError::sqlite("committing"))
+        let result = write_records(&mut self.conn, &mut self.resources, records);
+        self.resources.settle(result.is_ok());
+        result
     }
-
     fn apply_retention(
         &mut self,
         retention: &Retention,
@@ -384,8 +377,120 @@ impl Writer for SqliteStore {
     }
 }
 
-/// The 17 parameters of one span row, in `SPAN_INSERT_COLUMNS` order.
-fn span_params(s: &EncodedSpan) -> [&dyn rusqlite::ToSql; 17] {
+/// One transaction holding `records` (the [`Writer::write`] contract).
+fn write_records(
+    conn: &mut Connection,
+    resources: &mut Resources,
+    records: &[Record],
+) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction()
+        .map_err(StoreError::sqlite("starting a transaction"))?;
+    for record in records {
+        match record {
+            Record::Batch(batch) => write_encoded(&tx, resources, &EncodedBatch::encode(batch)?)?,
+            Record::Encoded(batch) => write_encoded(&tx, resources, batch)?,
+            Record::Probe(attempt) => write_probe(&tx, attempt)?,
+            Record::Console(snapshot) => write_console(&tx, snapshot)?,
+            Record::Stats { time_ns, values } => {
+                let op = "writing collector stats";
+                let mut stmt = tx
+                    .prepare_cached(INSERT_STAT)
+                    .map_err(StoreError::sqlite(op))?;
+                for (name, value) in values {
+                    stmt.execute(params![time_ns, name, value])
+                        .map_err(StoreError::sqlite(op))?;
+                }
+            }
+        }
+    }
+    tx.commit().map_err(StoreError::sqlite("committing"))
+}
+
+/// What identifies a `resources` row: service, scope, attribute JSON.
+type ResourceKey = (Option<Arc<str>>, Option<Arc<str>>, Arc<str>);
+
+/// The `resources` rows this store has seen, so that a span costs a
+/// lookup, not a query. Rows are only ever added (retention keeps them), so
+/// a known id stays valid, except one added by a transaction that then
+/// rolled back: [`Resources::settle`] forgets those.
+#[derive(Debug, Default)]
+struct Resources {
+    known: HashMap<ResourceKey, i64>,
+    /// Added in the open transaction.
+    added: Vec<ResourceKey>,
+    /// The last key looked up: the spans of one OTLP ResourceSpans share
+    /// the same `Arc`s, so most lookups are three pointer comparisons.
+    last: Option<(ResourceKey, i64)>,
+}
+
+fn same(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+impl Resources {
+    const FIND: &'static str = "SELECT id FROM resources \
+         WHERE service IS ?1 AND scope IS ?2 AND attributes = ?3";
+    const ADD: &'static str =
+        "INSERT INTO resources (service, scope, attributes) VALUES (?1, ?2, ?3)";
+
+    /// The row id of the span's producer, adding the row if it is new.
+    fn id(&mut self, tx: &Transaction<'_>, s: &EncodedSpan) -> Result<i64, StoreError> {
+        if let Some(((service, scope, attrs), id)) = &self.last {
+            if same(service, &s.service) && same(scope, &s.scope) && Arc::ptr_eq(attrs, &s.resource)
+            {
+                return Ok(*id);
+            }
+        }
+        let key: ResourceKey = (s.service.clone(), s.scope.clone(), s.resource.clone());
+        let id = match self.known.get(&key) {
+            Some(&id) => id,
+            None => {
+                let op = "writing a resource";
+                let args = params![key.0.as_deref(), key.1.as_deref(), &*key.2];
+                let found: Option<i64> = tx
+                    .prepare_cached(Self::FIND)
+                    .and_then(|mut stmt| stmt.query_row(args, |r| r.get(0)).optional())
+                    .map_err(StoreError::sqlite(op))?;
+                let id = match found {
+                    Some(id) => id,
+                    None => {
+                        tx.prepare_cached(Self::ADD)
+                            .and_then(|mut stmt| stmt.execute(args))
+                            .map_err(StoreError::sqlite(op))?;
+                        self.added.push(key.clone());
+                        tx.last_insert_rowid()
+                    }
+                };
+                self.known.insert(key.clone(), id);
+                id
+            }
+        };
+        self.last = Some((key, id));
+        Ok(id)
+    }
+
+    /// After a transaction: forget the rows it added unless it committed.
+    fn settle(&mut self, committed: bool) {
+        if !committed {
+            for key in self.added.drain(..) {
+                self.known.remove(&key);
+            }
+            self.last = None;
+        }
+        self.added.clear();
+    }
+}
+
+/// The parameters of one span row, in `insert_spans_sql` order.
+fn span_params<'a>(
+    s: &'a EncodedSpan,
+    resource_id: &'a i64,
+) -> [&'a dyn rusqlite::ToSql; SPAN_PARAMS] {
     [
         &s.trace_id,
         &s.span_id,
@@ -393,7 +498,7 @@ fn span_params(s: &EncodedSpan) -> [&dyn rusqlite::ToSql; 17] {
         &s.name,
         &s.kind,
         &s.service,
-        &s.scope,
+        resource_id,
         &s.start_ns,
         &s.end_ns,
         &s.status_code,
@@ -402,34 +507,46 @@ fn span_params(s: &EncodedSpan) -> [&dyn rusqlite::ToSql; 17] {
         &s.snapshot_seq,
         &s.attributes,
         &s.events,
-        &s.resource,
         &s.received_ns,
     ]
 }
 
-fn write_encoded(tx: &Transaction<'_>, batch: &EncodedBatch) -> Result<(), StoreError> {
+fn write_encoded(
+    tx: &Transaction<'_>,
+    resources: &mut Resources,
+    batch: &EncodedBatch,
+) -> Result<(), StoreError> {
     if !batch.spans.is_empty() {
         let op = "writing spans";
+        let ids = batch
+            .spans
+            .iter()
+            .map(|s| resources.id(tx, s))
+            .collect::<Result<Vec<i64>, _>>()?;
         // Many rows per statement: one step per chunk instead of per span.
-        let chunks = batch.spans.chunks_exact(SPANS_PER_INSERT);
-        let rest = chunks.remainder();
-        if chunks.len() > 0 {
+        let full = batch.spans.len() / SPANS_PER_INSERT * SPANS_PER_INSERT;
+        if full > 0 {
             let mut stmt = tx
                 .prepare_cached(&INSERT_SPANS_CHUNK)
                 .map_err(StoreError::sqlite(op))?;
-            for chunk in chunks {
-                let values: Vec<&dyn rusqlite::ToSql> =
-                    chunk.iter().flat_map(span_params).collect();
+            let mut values: Vec<&dyn rusqlite::ToSql> =
+                Vec::with_capacity(SPANS_PER_INSERT * SPAN_PARAMS);
+            for (chunk, ids) in batch.spans[..full]
+                .chunks_exact(SPANS_PER_INSERT)
+                .zip(ids.chunks_exact(SPANS_PER_INSERT))
+            {
+                values.clear();
+                values.extend(chunk.iter().zip(ids).flat_map(|(s, id)| span_params(s, id)));
                 stmt.execute(values.as_slice())
                     .map_err(StoreError::sqlite(op))?;
             }
         }
-        if !rest.is_empty() {
+        if full < batch.spans.len() {
             let mut stmt = tx
                 .prepare_cached(&INSERT_SPAN)
                 .map_err(StoreError::sqlite(op))?;
-            for s in rest {
-                stmt.execute(span_params(s).as_slice())
+            for (s, id) in batch.spans[full..].iter().zip(&ids[full..]) {
+                stmt.execute(span_params(s, id).as_slice())
                     .map_err(StoreError::sqlite(op))?;
             }
         }

@@ -76,6 +76,27 @@ pub enum StoreError {
         /// The version this collector writes.
         supported: i64,
     },
+    /// The database file was made by an older collector, whose schema this
+    /// one neither reads nor writes. Open it with that collector (its
+    /// `report` and `export` still work), or give this one another `--db`.
+    #[error(
+        "database schema version {found} was written by an older kms-collector; this one \
+         reads and writes version {expected} only (read the file with the collector that \
+         wrote it, or start a new store with another --db)"
+    )]
+    SchemaTooOld {
+        /// `PRAGMA user_version` of the file.
+        found: i64,
+        /// The version this collector writes.
+        expected: i64,
+    },
+    /// A hand-made [`SpanRow`](super::SpanRow) has a trace, span or parent
+    /// id that is not hex; nothing of the write is stored.
+    #[error("span id {id:?} is not hex (an even number of at most 32 hex digits)")]
+    InvalidId {
+        /// The id as given.
+        id: String,
+    },
     /// The store stage has shut down; nothing more can be written.
     #[error("the store stage has shut down")]
     Closed,
