@@ -110,6 +110,9 @@ impl Rule for Stalled {
                         .unwrap_or_default()
                 )
             }
+            // Only the heartbeat stalled: when the run queues show why
+            // (workers busy, runnable tasks piling up), that rule names it.
+            None if m.d.resources.queues.starving && m.hang => return None,
             None => "runtime heartbeat stalled".to_owned(),
         };
         Some(Finding::confirms(culprit, Some(first.first_ns), ev))
@@ -734,12 +737,15 @@ impl Rule for HealthyAndWaitsElsewhere {
         "healthy_and_waits_elsewhere"
     }
     fn reads(&self) -> &'static str {
-        "kms.runtime heartbeat coverage and lag; blocking pool and listen queue; wait locations of hung requests"
+        "kms.runtime heartbeat coverage and lag; blocking pool; listen queue (unless fds ran out: accept then fails); wait locations of hung requests"
     }
     fn check(&self, m: &Model<'_>) -> Option<Finding> {
         let st = &m.d.stall;
         let r = &m.d.resources;
-        if !runtime_healthy(m) || r.blocking_pool.exhausted || r.listen.not_accepting {
+        // With fds exhausted, accept fails (EMFILE) and connections stay in
+        // the listen queue however healthy the runtime is.
+        let listen_stuck = r.listen.not_accepting && !m.d.connections.exhausted();
+        if !runtime_healthy(m) || r.blocking_pool.exhausted || listen_stuck {
             return None;
         }
         let healthy = Evidence::new(
@@ -824,9 +830,9 @@ pub(crate) fn rules() -> Vec<Box<dyn Rule>> {
         Box::new(ParkingLotCycle),
         Box::new(AsyncLockCycle),
         Box::new(Stalled),
+        Box::new(SchedulerStarvation),
         Box::new(HeartbeatLagging),
         Box::new(BlockingPoolExhausted),
-        Box::new(SchedulerStarvation),
         Box::new(NeverWoken),
         Box::new(NotAccepting),
         Box::new(NoRuntimeSamples),
