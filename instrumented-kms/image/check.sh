@@ -30,6 +30,10 @@ assert env["KMS_DIAG_CONSOLE_EXPOSE"] == "1", env
 assert env["KMS_DIAG_OTLP_HEADERS"].startswith("authorization=Bearer%20${KMS_DIAG_TOKEN}"), env
 dockerfile = open("Dockerfile").read()
 assert "KMS_DIAG_CONSOLE_EXPOSE=1" in dockerfile
-print("compose.yaml: embedded kms.toml parses; RPC 9100 and console 6669 published; OTLP to 10.0.2.2 with the token; console exposed by intent")
+# Panics keep their backtrace; anyhow errors capture none (one per failed
+# webhook call otherwise).
+assert env["RUST_BACKTRACE"] == "1" and env["RUST_LIB_BACKTRACE"] == "0", env
+assert "RUST_BACKTRACE=1" in dockerfile and "RUST_LIB_BACKTRACE=0" in dockerfile
+print("compose.yaml: embedded kms.toml parses; RPC 9100 and console 6669 published; OTLP to 10.0.2.2 with the token; console exposed by intent; no backtrace per error")
 PY
 echo "image files: ok"
