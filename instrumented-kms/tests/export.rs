@@ -156,6 +156,31 @@ fn an_open_span_is_reported_before_it_closes_then_superseded() {
 }
 
 #[test]
+fn a_young_call_inside_a_stuck_request_is_reported_with_it() {
+    // A request open past the threshold that has just entered a call: the
+    // call is where it waits, so it is reported at once, not a threshold later.
+    let threshold = Duration::from_secs(3);
+    let receiver = Receiver::start();
+    let (_guard, _default) = start(builder(&receiver.endpoint()).open_span_threshold(threshold));
+    let request = tracing::info_span!("stuck.request", rpc.method = "GetMeta");
+    let root = receiver.wait_for_span("a snapshot of stuck.request", WAIT, |s| {
+        s.span.name == "stuck.request" && s.is_snapshot()
+    });
+    let call = request.in_scope(|| tracing::info_span!("young.call"));
+    let child = receiver.wait_for_span("a snapshot of young.call", WAIT, |s| {
+        s.span.name == "young.call" && s.is_snapshot()
+    });
+    assert_eq!(child.span.trace_id, root.span.trace_id);
+    assert_eq!(child.span.parent_span_id, root.span.span_id);
+    let age = child.int_attr("kms.open.age_ms").unwrap_or(i64::MAX);
+    assert!(
+        age < threshold.as_millis() as i64,
+        "young.call was reported only at {age} ms, past the threshold on its own"
+    );
+    drop((call, request));
+}
+
+#[test]
 fn export_survives_a_wedged_runtime() {
     let receiver = Receiver::start();
     let (guard, _default) = start(builder(&receiver.endpoint()));

@@ -55,23 +55,38 @@ pub(crate) fn spawn(
     })
 }
 
-/// One pass: a snapshot of every span older than `threshold`.
+/// One pass: a snapshot of every span open in a trace where some span is
+/// older than `threshold`.
+///
+/// The younger spans of such a trace are reported too: a request stuck for
+/// minutes may have entered its current call a moment ago (after a retry,
+/// or after waiting for a permit), and that call is where it waits. Without
+/// it, the request would look idle in its handler.
 pub(crate) fn report(open: &OpenSpans, queue: &ExportQueue, threshold: Duration) -> usize {
     let now = SystemTime::now();
     let now_instant = Instant::now();
-    let mut count = 0;
+    let mut records = Vec::new();
+    let mut stuck_traces = std::collections::HashSet::new();
     open.for_each(|record| {
         if now_instant.saturating_duration_since(record.start) >= threshold {
-            let seq = record.snapshot_seq.fetch_add(1, Ordering::Relaxed) + 1;
-            queue.snapshots.fetch_add(1, Ordering::Relaxed);
-            queue.push_priority(Item::Snapshot(encode::snapshot(
-                record,
-                seq,
-                now,
-                now_instant,
-            )));
-            count += 1;
+            stuck_traces.insert(record.trace_id);
         }
+        records.push(record.clone());
     });
+    let mut count = 0;
+    for record in records
+        .iter()
+        .filter(|r| stuck_traces.contains(&r.trace_id))
+    {
+        let seq = record.snapshot_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        queue.snapshots.fetch_add(1, Ordering::Relaxed);
+        queue.push_priority(Item::Snapshot(encode::snapshot(
+            record,
+            seq,
+            now,
+            now_instant,
+        )));
+        count += 1;
+    }
     count
 }
