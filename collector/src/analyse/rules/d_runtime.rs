@@ -113,6 +113,11 @@ impl Rule for Stalled {
             // Only the heartbeat stalled: when the run queues show why
             // (workers busy, runnable tasks piling up), that rule names it.
             None if m.d.resources.queues.starving && m.hang => return None,
+            // The watchdog saw every worker between polls: no poll ran long,
+            // so the heartbeat waited for its turn behind other tasks.
+            None if eps.iter().all(|ep| ep.workers_stuck == Some(0)) => {
+                "runtime heartbeat stalled while no worker was stuck in a poll: runnable tasks wait their turn (a run queue starved by always-busy tasks, or a starved CPU)".to_owned()
+            }
             None => "runtime heartbeat stalled".to_owned(),
         };
         Some(Finding::confirms(culprit, Some(first.first_ns), ev))
