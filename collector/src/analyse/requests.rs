@@ -126,6 +126,11 @@ pub struct RequestFindings {
     /// When the first of them was taken.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_taskdump_timeout_ns: Option<i64>,
+    /// The producer's open-span threshold (`config.open_span_threshold_ms`
+    /// of its `kms.startup`): a span it reports open for less than this
+    /// was reported only because its trace is stuck.
+    #[serde(skip)]
+    pub producer_open_span_threshold_ms: Option<i64>,
 }
 
 impl RequestFindings {
@@ -147,6 +152,7 @@ impl Pass for Requests {
     fn run(&self, cx: &mut Context<'_>) -> Result<(), ReadError> {
         let mut f = RequestFindings {
             cancelled_after_ms: cancelled_after_ms(cx)?,
+            producer_open_span_threshold_ms: producer_open_span_threshold_ms(cx)?,
             ..RequestFindings::default()
         };
         let open_ids: std::collections::HashSet<&str> = cx
@@ -240,14 +246,7 @@ fn cancelled_after_ms(cx: &Context<'_>) -> Result<i64, ReadError> {
         .filter_map(|a| a.latency_ms)
         .map(|ms| ms as i64)
         .min();
-    let startups = cx
-        .reader
-        .events("kms.startup", TimeWindow::new(i64::MIN, cx.window.to_ns))?;
-    let open_span = startups
-        .iter()
-        .rev()
-        .find_map(|e| i64_of(&e.attributes, "config.open_span_threshold_ms"))
-        .filter(|t| *t > 0);
+    let open_span = producer_open_span_threshold_ms(cx)?;
     Ok([probe, open_span]
         .into_iter()
         .flatten()
@@ -256,6 +255,18 @@ fn cancelled_after_ms(cx: &Context<'_>) -> Result<i64, ReadError> {
             i64::try_from(super::AnalyseConfig::DEFAULT_CANCELLED_AFTER.as_millis())
                 .unwrap_or(i64::MAX)
         }))
+}
+
+/// The producer's open-span threshold, from its latest `kms.startup`.
+fn producer_open_span_threshold_ms(cx: &Context<'_>) -> Result<Option<i64>, ReadError> {
+    let startups = cx
+        .reader
+        .events("kms.startup", TimeWindow::new(i64::MIN, cx.window.to_ns))?;
+    Ok(startups
+        .iter()
+        .rev()
+        .find_map(|e| i64_of(&e.attributes, "config.open_span_threshold_ms"))
+        .filter(|t| *t > 0))
 }
 
 /// Where a cancelled request was when it was dropped: the spans of its trace

@@ -18,12 +18,67 @@ impl Peer {
     fn explains<'a>(&self, m: &'a Model<'_>) -> Vec<&'a StuckSpan> {
         m.hung()
             .filter(|s| s.peer_hypothesis() == Some(self.letter))
-            .filter(|s| excused(m, s).is_none())
+            .filter(|s| excused(m, s).is_none() && !answered_later(m, s))
             .collect()
     }
 }
 
+/// True when the peer answered a call of the same kind that began after
+/// this stuck one: the peer answers, so this call is slow or lost on its
+/// own (one dead keep-alive connection, a request the peer dropped), not
+/// proof of a hung peer. It does not clear the peer either: it still waits
+/// on it.
+fn answered_later(m: &Model<'_>, s: &StuckSpan) -> bool {
+    s.queued_behind.is_none()
+        && m.closed_calls
+            .get(s.waits_on.as_str())
+            .and_then(|c| {
+                c.last_answered_start_ns
+                    .get(s.innermost.call.as_deref().unwrap_or_default())
+            })
+            .is_some_and(|t| *t > s.innermost.start_ns)
+}
+
+/// Stuck calls to the peer while it answered later calls of the same kind:
+/// the peer is not hung, yet these requests wait on it. Neither confirms nor
+/// rules out.
+pub(crate) struct PeerAnswersOthers(pub(crate) Peer);
+
+impl Rule for PeerAnswersOthers {
+    fn name(&self) -> &'static str {
+        "peer_answers_others"
+    }
+    fn reads(&self) -> &'static str {
+        "stuck kms.outbound spans of hung requests; closed kms.outbound spans to the same peer and kms.call that began later and closed without error"
+    }
+    fn check(&self, m: &Model<'_>) -> Option<Finding> {
+        let stuck: Vec<&StuckSpan> = m
+            .hung()
+            .filter(|s| s.peer_hypothesis() == Some(self.0.letter))
+            .filter(|s| excused(m, s).is_none() && answered_later(m, s))
+            .collect();
+        let first = stuck.first()?;
+        Some(Finding::one(
+            Effect::Missing,
+            Evidence::new(
+                "missing_data",
+                format!(
+                    "{} hung request(s) wait on {} calls ({}) while the peer answered calls of the same kind that began later: it is not hung as a whole; one dead connection or a request it dropped would look like this, and so would a peer that is merely slow (compare the durations of its answered calls)",
+                    stuck.len(),
+                    self.0.peer.as_str(),
+                    wait_summary(stuck.iter().copied())
+                ),
+            )
+            .span(Some(&first.trace_id), Some(&first.innermost.span_id))
+            .at(first.innermost.start_ns),
+        ))
+    }
+}
+
 /// Why a call to the peer cannot be blamed on it, if it cannot:
+/// - still open, it has been open for less than the stuck threshold (or
+///   the producer's open-span threshold: it was reported only because its
+///   request is stuck), a slow request that entered the call a moment ago;
 /// - it was in flight when the whole runtime froze (no future is polled);
 /// - fds ran out while it waited and the process held no connection to its
 ///   server (no socket to wait on: a client that retries connecting looks
@@ -33,6 +88,17 @@ impl Peer {
 ///   fd count, and calls that began before the exhaustion may be what
 ///   exhausted the fds.
 pub(crate) fn excused(m: &Model<'_>, s: &StuckSpan) -> Option<&'static str> {
+    // A cancelled request's call lasted until its client gave up: long
+    // enough, whatever the stuck threshold.
+    if s.fate == Fate::Open && s.queued_behind.is_none() && s.waits_on.is_outbound() {
+        let configured = i64::try_from(m.config.stuck_threshold.as_nanos()).unwrap_or(i64::MAX);
+        let producer = m.d.requests.producer_open_span_threshold_ms.unwrap_or(0) * 1_000_000;
+        let stuck_ns = configured.max(producer);
+        let request_ns = s.last_seen_ns - s.start_ns;
+        if s.last_seen_ns - s.innermost.start_ns < stuck_ns && request_ns >= stuck_ns {
+            return Some("each had been open for less than the stuck threshold (slow requests that had just entered the call)");
+        }
+    }
     let frozen = m.d.stall.full_stall_since();
     let long_ns = i64::try_from(m.config.long_stall.as_nanos()).unwrap_or(i64::MAX);
     let began = s.innermost.start_ns;
@@ -411,6 +477,7 @@ pub(crate) fn rules(p: Peer) -> Vec<Box<dyn Rule>> {
         Box::new(StuckOnPeer(p)),
         Box::new(SlowCalls(p)),
         Box::new(FrozenByStall(p)),
+        Box::new(PeerAnswersOthers(p)),
         Box::new(UntaggedPeer(p)),
         Box::new(NoHungRequestSeen(p)),
         Box::new(NoSpans),
