@@ -109,8 +109,12 @@ async fn the_stuck_getmeta_of_a_webhook_hang_is_found_in_jaeger_while_stuck() {
         lateness_us[lateness_us.len() / 2] / 1000,
         lateness_us[lateness_us.len() - 1] / 1000
     );
-    // One snapshot interval, plus the exporter's batch delay and our 100 ms polling.
-    let bound = interval_us + 1_500_000;
+    // Live, not a speed target (the figures above are): one snapshot
+    // interval plus the exporter's batch delay and our polling is about
+    // 2.5 s on an idle machine, 3.5 s was seen with builds running beside
+    // it. Ten intervals still fails a Jaeger that shows a stuck request only
+    // when the run is over (the hang lasts about 20 s past the threshold).
+    let bound = 10 * interval_us;
     assert!(
         lateness_us.iter().all(|l| *l <= bound),
         "a stuck request took longer than {bound} us to show in Jaeger: {lateness_us:?}"
