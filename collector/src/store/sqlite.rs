@@ -339,6 +339,7 @@ impl Writer for SqliteStore {
         self.resources.settle(result.is_ok());
         result
     }
+
     fn apply_retention(
         &mut self,
         retention: &Retention,
