@@ -13,79 +13,91 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kms_collector::serve::{Server, ServerConfig};
-use kms_collector::store::{Reader, SqliteReader, TraceQuery, SCHEMA_SQL};
-use rusqlite::{params, Connection};
+use kms_collector::store::{
+    Batch, Reader, Record, SpanRow, SqliteReader, SqliteStore, TraceQuery, Writer,
+};
+use serde_json::json;
 
 const DAY_NS: i64 = 86_400_000_000_000;
 const HANG_NS: i64 = 600_000_000_000;
+/// Spans per write transaction while filling the store.
+const BATCH_SPANS: usize = 50_000;
 
 fn free_port() -> std::io::Result<std::net::SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
+/// Writes the day of traffic through the store's [`Writer`], so the figures
+/// hold for whatever schema the store has.
 fn fill(path: &std::path::Path, spans: i64, now: i64) -> Result<(), Box<dyn std::error::Error>> {
-    let mut conn = Connection::open(path)?;
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;")?;
-    conn.execute_batch(SCHEMA_SQL)?;
-    let tx = conn.transaction()?;
-    {
-        let mut span = tx.prepare(
-            "INSERT INTO spans (trace_id, span_id, parent_span_id, name, kind, service, scope, \
-             start_ns, end_ns, status_code, incomplete, snapshot_seq, attributes, resource, received_ns) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 'dstack-kms', 'instrumented-kms', ?6, ?7, ?8, ?9, ?10, ?11, \
-             '{\"service.name\":\"dstack-kms\"}', ?7)",
-        )?;
-        let t0 = now - DAY_NS;
-        let hang_from = now - HANG_NS;
-        let pairs = spans / 2;
-        let step = DAY_NS / pairs.max(1);
-        for i in 0..pairs {
-            let start = t0 + i * step;
-            let stuck = start >= hang_from && i % 4 == 0;
-            let end = if stuck { now } else { start + 20_000_000 };
-            let method = ["GetMeta", "GetAppKey", "GetTempCaCert", "SignCert"][(i % 4) as usize];
-            let trace = format!("{:032x}", i + 1);
-            let req_id = format!("{:016x}", 2 * i + 1);
-            let seq = stuck.then_some((now - start) / 5_000_000_000);
-            let open = if stuck {
-                format!(
-                    ",\"incomplete\":true,\"kms.open.age_ms\":{}",
-                    (now - start) / 1_000_000
-                )
-            } else {
-                String::new()
+    let mut store = SqliteStore::open(path)?;
+    let resource = json!({"service.name": "dstack-kms"});
+    let t0 = now - DAY_NS;
+    let hang_from = now - HANG_NS;
+    let pairs = spans / 2;
+    let step = DAY_NS / pairs.max(1);
+    let mut batch = Vec::with_capacity(BATCH_SPANS);
+    for i in 0..pairs {
+        let start = t0 + i * step;
+        let stuck = start >= hang_from && i % 4 == 0;
+        let end = if stuck { now } else { start + 20_000_000 };
+        let method = ["GetMeta", "GetAppKey", "GetTempCaCert", "SignCert"][(i % 4) as usize];
+        let trace_id = format!("{:032x}", i + 1);
+        let request_id = format!("{:016x}", 2 * i + 1);
+        let mut request_attrs =
+            json!({"rpc.method": method, "url.path": format!("/prpc/KMS.{method}")});
+        let mut call_attrs = json!({"kms.peer": "auth_webhook", "kms.call": "get_info"});
+        if stuck {
+            for attrs in [&mut request_attrs, &mut call_attrs] {
+                attrs["incomplete"] = json!(true);
+                attrs["kms.open.age_ms"] = json!((now - start) / 1_000_000);
+            }
+        }
+        let span =
+            |span_id: String, parent: Option<String>, name: &str, kind, start_ns, attributes| {
+                SpanRow {
+                    trace_id: trace_id.clone(),
+                    span_id,
+                    parent_span_id: parent,
+                    name: name.to_owned(),
+                    kind,
+                    service: Some("dstack-kms".to_owned()),
+                    scope: Some("instrumented-kms".to_owned()),
+                    start_ns,
+                    end_ns: end,
+                    status_code: if stuck { 0 } else { 1 },
+                    status_message: None,
+                    incomplete: stuck,
+                    snapshot_seq: stuck.then_some((now - start) / 5_000_000_000),
+                    attributes,
+                    events: json!([]),
+                    resource: resource.clone(),
+                    received_ns: end,
+                }
             };
-            span.execute(params![
-                trace,
-                req_id,
-                None::<String>,
-                "kms.request",
-                2,
-                start,
-                end,
-                if stuck { 0 } else { 1 },
-                stuck as i64,
-                seq,
-                format!(
-                    "{{\"rpc.method\":\"{method}\",\"url.path\":\"/prpc/KMS.{method}\"{open}}}"
-                )
-            ])?;
-            span.execute(params![
-                trace,
-                format!("{:016x}", 2 * i + 2),
-                req_id,
-                "kms.outbound",
-                3,
-                start + 1_000_000,
-                end,
-                0,
-                stuck as i64,
-                seq,
-                format!("{{\"kms.peer\":\"auth_webhook\",\"kms.call\":\"get_info\"{open}}}")
-            ])?;
+        batch.push(span(
+            request_id.clone(),
+            None,
+            "kms.request",
+            2,
+            start,
+            request_attrs,
+        ));
+        batch.push(span(
+            format!("{:016x}", 2 * i + 2),
+            Some(request_id),
+            "kms.outbound",
+            3,
+            start + 1_000_000,
+            call_attrs,
+        ));
+        if batch.len() >= BATCH_SPANS || i + 1 == pairs {
+            store.write(&[Record::Batch(Batch {
+                spans: std::mem::take(&mut batch),
+                ..Batch::default()
+            })])?;
         }
     }
-    tx.commit()?;
     Ok(())
 }
 
