@@ -20,25 +20,40 @@
 //! - `ours-no-console`: instrumented-kms, all parts but the console.
 //! - `ours-all`: instrumented-kms, everything on.
 //!
+//! The summary gives each configuration's ratios both to `off` and to
+//! `fmt-only` (the logging the KMS has anyway), at the same load.
+//!
 //! The handler: a request span, a per-RPC task monitor, a little CPU, a
 //! yield, and an outbound-call span around a 1 ms sleep standing in for I/O.
 //! A few `/stuck` requests stay open 2.5 s per cell, so open-span snapshots
 //! (threshold 1 s, interval 0.5 s) must get through while ordinary spans may
 //! be dropped.
 //!
-//! Diagnostic variants (only with `BENCH_CONFIGS`): `off-hooks` (our runtime
-//! builder's poll hooks, no subscriber), `ours-no-otlp`, `ours-nomon` (no
-//! per-RPC task monitor).
+//! Diagnostic variants, to split the cost by part (only with
+//! `BENCH_CONFIGS`): `off-hooks` (our runtime builder's poll hooks, no
+//! subscriber), `ours-no-otlp` (no export, no open-span reporter),
+//! `ours-nomon` (no per-RPC task monitor), `ours-console-timers` (everything,
+//! the console recording timers too).
+//!
+//! Long console cell: `BENCH_LONG=1` adds, after the rounds, one
+//! `BENCH_LONG_SECS` (default 60) cell each of `fmt-only` and `ours-all` at
+//! 512 connections: the console's peak RSS and request rate once its
+//! retention window (60 s) is full. Left out by default so a quick run stays
+//! quick.
 //!
 //! Environment: `BENCH_SECS` (per cell, default 3), `BENCH_ROUNDS` (default
-//! 2), `BENCH_CONFIGS` and `BENCH_LOADS` (comma-separated subsets).
+//! 2), `BENCH_CONFIGS` and `BENCH_LOADS` (comma-separated subsets),
+//! `BENCH_LONG`, `BENCH_LONG_SECS`. The cells read the library's own
+//! variables too: `KMS_DIAG_TASKDUMP=0` turns task dumps of the `/stuck`
+//! requests off (at 512 connections a dump can leave a worker spinning in
+//! tokio's dump for the rest of the cell).
 //!
 //! Task dumps (feature `taskdump`, part of `full`): after the table, the cost
 //! of one `Handle::dump()` of a runtime with many idle request tasks (the
 //! pause the dumper imposes, once per open-span interval while requests are
 //! stuck), of symbolizing one stuck task's trace (on the dumper's thread), and
 //! the latency a concurrent request sees during dumps. `BENCH_TASKDUMP_ONLY=1`
-//! prints only that.
+//! prints only that; `BENCH_NO_TASKDUMP=1` leaves it out.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -147,12 +162,13 @@ fn server(config: &str, endpoint: &str) {
             ours_guard = Some(guard);
         }
         "stock" => stock_provider = Some(install_stock(&rt, endpoint)),
-        "ours-no-console" | "ours-all" | "ours-nomon" => {
+        "ours-no-console" | "ours-all" | "ours-nomon" | "ours-console-timers" => {
             let guard = instrumented_kms::Builder::default()
                 .service_name("bench")
                 .otlp_endpoint(endpoint)
                 .log_filter("warn")
-                .console_enabled(config == "ours-all")
+                .console_enabled(config == "ours-all" || config == "ours-console-timers")
+                .console_timers(config == "ours-console-timers")
                 .metrics_interval(Duration::from_secs(5))
                 .console_bind("127.0.0.1:0".parse().unwrap())
                 .open_span_threshold(Duration::from_secs(1))
@@ -394,6 +410,8 @@ struct CellResult {
     spans_share: f64,
     sampled_share: f64,
     snapshots_share: Option<f64>,
+    /// Events the console dropped (from `kms.console`), for configurations with the console.
+    console_dropped: Option<u64>,
 }
 
 fn parent() {
@@ -439,44 +457,88 @@ fn parent() {
             };
             for config in configs {
                 let r = run_cell(&load_rt, config, conns, duration);
-                println!(
-                    "  round {} {:>3} conns {:<16} {:>8.0} req/s  p99 {:>7.2} ms  {:>6.1} µs CPU/req  RSS {:>6.1} MB  spans {:>5.1}% (sampled out {:>5.1}%)  snapshots {}",
-                    round + 1,
-                    conns,
-                    config,
-                    r.rps,
-                    r.p99_ms,
-                    r.cpu_us_per_req,
-                    r.rss_mb,
-                    r.spans_share * 100.0,
-                    r.sampled_share * 100.0,
-                    r.snapshots_share
-                        .map(|s| format!("{:.1}%", s * 100.0))
-                        .unwrap_or_else(|| "n/a".into())
-                );
+                print_cell(&format!("round {}", round + 1), &r);
                 results.push(r);
             }
         }
     }
-    println!();
-    println!("Means over rounds (ratios are to `off` at the same load):");
+    summary(&results);
+    if std::env::var_os("BENCH_LONG").is_some() {
+        let long_secs: f64 = std::env::var("BENCH_LONG_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60.0);
+        println!();
+        println!("Long console cell: {long_secs} s at 512 connections");
+        let long = Duration::from_secs_f64(long_secs);
+        let mut long_results = Vec::new();
+        for config in ["fmt-only", "ours-all"] {
+            let r = run_cell(&load_rt, config, 512, long);
+            print_cell("long", &r);
+            long_results.push(r);
+        }
+        let fmt = &long_results[0];
+        let all = &long_results[1];
+        println!(
+            "  ours-all over {long_secs} s: {:.3} of fmt-only req/s ({:.0} vs {:.0}), peak RSS {:.1} MB (fmt-only {:.1} MB), console dropped {} events",
+            all.rps / fmt.rps.max(1.0),
+            all.rps,
+            fmt.rps,
+            all.rss_mb,
+            fmt.rss_mb,
+            all.console_dropped.unwrap_or(0)
+        );
+    }
+    if std::env::var_os("BENCH_NO_TASKDUMP").is_none() {
+        taskdump_cost();
+    }
+}
+
+fn print_cell(label: &str, r: &CellResult) {
     println!(
-        "{:>5}  {:<16} {:>9} {:>7} {:>9} {:>7} {:>10} {:>9} {:>9} {:>10} {:>9} {:>10}",
+        "  {label} {:>3} conns {:<16} {:>8.0} req/s  p99 {:>7.2} ms  {:>6.1} µs CPU/req  RSS {:>6.1} MB  spans {:>5.1}% (sampled out {:>5.1}%)  snapshots {}{}",
+        r.conns,
+        r.config,
+        r.rps,
+        r.p99_ms,
+        r.cpu_us_per_req,
+        r.rss_mb,
+        r.spans_share * 100.0,
+        r.sampled_share * 100.0,
+        r.snapshots_share
+            .map(|s| format!("{:.1}%", s * 100.0))
+            .unwrap_or_else(|| "n/a".into()),
+        r.console_dropped
+            .map(|d| format!("  console dropped {d}"))
+            .unwrap_or_default()
+    );
+}
+
+/// Means over rounds, with ratios to `off` and to `fmt-only` at the same load.
+fn summary(results: &[CellResult]) {
+    println!();
+    println!("Means over rounds (ratios to `off` and to `fmt-only` at the same load):");
+    println!(
+        "{:>5}  {:<19} {:>8} {:>6} {:>6} {:>8} {:>6} {:>6} {:>8} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10} {:>9}",
         "conns",
         "config",
         "req/s",
-        "ratio",
+        "÷off",
+        "÷fmt",
         "p99 ms",
-        "ratio",
-        "CPU µs/req",
-        "+µs/req",
+        "÷off",
+        "÷fmt",
+        "µs/req",
+        "+off",
+        "+fmt",
         "RSS MB",
         "spans",
         "sampled",
-        "snapshots"
+        "snapshots",
+        "con.drop"
     );
     let mut used: Vec<&'static str> = Vec::new();
-    for r in &results {
+    for r in results {
         if !used.contains(&r.config) {
             used.push(r.config);
         }
@@ -491,11 +553,22 @@ fn parent() {
                 .filter(|r| r.conns == conns && r.config == config)
                 .map(f)
                 .collect();
-            v.iter().sum::<f64>() / v.len().max(1) as f64
+            if v.is_empty() {
+                return f64::NAN;
+            }
+            v.iter().sum::<f64>() / v.len() as f64
         };
-        let off_rps = mean("off", &|r| r.rps);
-        let off_p99 = mean("off", &|r| r.p99_ms);
-        let off_cpu = mean("off", &|r| r.cpu_us_per_req);
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        let (off_rps, off_p99, off_cpu) = (
+            mean("off", &|r| r.rps),
+            mean("off", &|r| r.p99_ms),
+            mean("off", &|r| r.cpu_us_per_req),
+        );
+        let (fmt_rps, fmt_p99, fmt_cpu) = (
+            mean("fmt-only", &|r| r.rps),
+            mean("fmt-only", &|r| r.p99_ms),
+            mean("fmt-only", &|r| r.cpu_us_per_req),
+        );
         for &config in &used {
             let rps = mean(config, &|r| r.rps);
             let p99 = mean(config, &|r| r.p99_ms);
@@ -512,16 +585,24 @@ fn parent() {
                 .filter(|r| r.conns == conns && r.config == config)
                 .filter_map(|r| r.snapshots_share)
                 .collect();
+            let drops: Vec<u64> = results
+                .iter()
+                .filter(|r| r.conns == conns && r.config == config)
+                .filter_map(|r| r.console_dropped)
+                .collect();
             println!(
-                "{:>5}  {:<16} {:>9.0} {:>7.3} {:>9.2} {:>7.3} {:>10.1} {:>9.1} {:>9.1} {:>9.1}% {:>8.1}% {:>10}",
+                "{:>5}  {:<19} {:>8.0} {:>6.3} {:>6.3} {:>8.2} {:>6.2} {:>6.2} {:>8.1} {:>7.1} {:>7.1} {:>7.1} {:>6.1}% {:>7.1}% {:>10} {:>9}",
                 conns,
                 config,
                 rps,
-                if off_rps > 0.0 { rps / off_rps } else { f64::NAN },
+                ratio(rps, off_rps),
+                ratio(rps, fmt_rps),
                 p99,
-                if off_p99 > 0.0 { p99 / off_p99 } else { f64::NAN },
+                ratio(p99, off_p99),
+                ratio(p99, fmt_p99),
                 cpu,
-                if off_cpu > 0.0 { cpu - off_cpu } else { f64::NAN },
+                cpu - off_cpu,
+                cpu - fmt_cpu,
                 rss,
                 if config == "off" { 0.0 } else { spans * 100.0 },
                 sampled * 100.0,
@@ -529,12 +610,16 @@ fn parent() {
                     "n/a".to_string()
                 } else {
                     format!("{:.1}%", snaps.iter().sum::<f64>() / snaps.len() as f64 * 100.0)
+                },
+                if drops.is_empty() {
+                    "n/a".to_string()
+                } else {
+                    drops.iter().sum::<u64>().to_string()
                 }
             );
         }
     }
-    println!("(RSS = peak of the server process; spans = closed kms.request/kms.outbound spans received / emitted; sampled = not exported by our trace rate limit (counted, by design); the rest of the gap is dropped; snapshots = open-span snapshots received / taken.)");
-    taskdump_cost();
+    println!("(RSS = peak of the server process; spans = closed kms.request/kms.outbound spans received / emitted; sampled = not exported by our trace rate limit (counted, by design); the rest of the gap is dropped; snapshots = open-span snapshots received / taken; con.drop = events the console dropped, from kms.console, summed over rounds.)");
 }
 
 /// Stuck "handlers": a request span around an await on a oneshot that is
@@ -735,6 +820,12 @@ fn run_cell(
     let snapshots_received =
         receiver.count_spans(|_, scope| scope == "instrumented-kms.open-spans") as f64;
     let snapshots_taken = field("snapshots");
+    let console_dropped = receiver
+        .events("kms.console")
+        .iter()
+        .filter_map(|e| e.int_attr("console.dropped_events_total"))
+        .max()
+        .map(|n| u64::try_from(n).unwrap_or(0));
     CellResult {
         config,
         conns,
@@ -747,6 +838,7 @@ fn run_cell(
         snapshots_share: config
             .starts_with("ours")
             .then(|| snapshots_received / snapshots_taken.max(1.0)),
+        console_dropped,
     }
 }
 

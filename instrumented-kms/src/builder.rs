@@ -54,6 +54,8 @@ pub struct Builder {
     console_bind: Option<ConsoleBind>,
     console_expose: Option<bool>,
     console_retention: Option<Duration>,
+    console_event_buffer: Option<usize>,
+    console_timers: Option<bool>,
     log: Option<bool>,
     log_filter: Option<String>,
     open_span_threshold: Option<Duration>,
@@ -66,6 +68,7 @@ pub struct Builder {
     listen_port: Option<u16>,
     memory_limit: Option<u64>,
     taskdump_timeout: Option<Duration>,
+    taskdump: Option<bool>,
 }
 
 /// The settings in force after resolving code, environment and defaults.
@@ -99,6 +102,11 @@ pub struct Settings {
     pub console_expose: bool,
     /// How long the console keeps completed tasks and spans.
     pub console_retention: Duration,
+    /// Events the console buffers between the app's threads and its
+    /// aggregator; beyond it, events are dropped and counted.
+    pub console_event_buffer: usize,
+    /// Whether the console records tokio timers (sleep, timeout, interval).
+    pub console_timers: bool,
     /// fmt log layer on.
     pub log: bool,
     /// Log filter directives.
@@ -123,6 +131,8 @@ pub struct Settings {
     pub memory_limit: Option<u64>,
     /// How long one task dump may take (feature `taskdump`).
     pub taskdump_timeout: Duration,
+    /// Task dumps of stuck requests on (feature `taskdump`).
+    pub taskdump: bool,
 }
 
 impl Builder {
@@ -136,13 +146,24 @@ impl Builder {
     pub const DEFAULT_EXPORT_QUEUE_CAPACITY: usize = 4096;
     /// Default timeout of one export request.
     pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
-    /// Default rate limit of traces sampled for ordinary export, per second.
-    pub const DEFAULT_TRACE_RATE_LIMIT: u32 = 1000;
+    /// Default rate limit of traces sampled for ordinary export, per second:
+    /// far above a KMS's own rate (CVM boots: tens per second), low enough
+    /// that a flood does not spend the app's CPU on encoding ordinary spans
+    /// (at 1000, export was most of the library's cost per request under
+    /// `examples/bench.rs`).
+    pub const DEFAULT_TRACE_RATE_LIMIT: u32 = 200;
     /// Default tokio-console bind address.
     pub const DEFAULT_CONSOLE_BIND: SocketAddr =
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 6669));
     /// Default console retention: bounded, far below console-subscriber's 1 h.
     pub const DEFAULT_CONSOLE_RETENTION: Duration = Duration::from_secs(60);
+    /// Default capacity of the console's event buffer: a sixth of
+    /// console-subscriber's (102 400), which under a request flood fills
+    /// faster than its aggregator drains it and alone holds tens of MB.
+    pub const DEFAULT_CONSOLE_EVENT_BUFFER: usize = 16 * 1024;
+    /// Default for recording tokio timers in the console: off (see
+    /// [`console_timers`](Self::console_timers)).
+    pub const DEFAULT_CONSOLE_TIMERS: bool = false;
     /// Default log filter.
     pub const DEFAULT_LOG_FILTER: &'static str = "info";
     /// Default age after which an open span is reported.
@@ -285,6 +306,34 @@ impl Builder {
         self
     }
 
+    /// Capacity of the console's event buffer, between the app's threads and
+    /// console-subscriber's aggregator (its `event_buffer_capacity`). When
+    /// the aggregator falls behind, further events are dropped, never
+    /// waited for: tokio-console shows the count, and so does
+    /// `console.dropped_events` on the periodic `kms.console` event. A larger
+    /// buffer drops less under a burst and costs up to a few hundred bytes
+    /// per buffered event. Default [`Self::DEFAULT_CONSOLE_EVENT_BUFFER`];
+    /// env [`KMS_DIAG_CONSOLE_EVENT_BUFFER`](env::KMS_DIAG_CONSOLE_EVENT_BUFFER) >
+    /// [`TOKIO_CONSOLE_BUFFER_CAPACITY`](env::TOKIO_CONSOLE_BUFFER_CAPACITY).
+    pub fn console_event_buffer(mut self, events: usize) -> Self {
+        self.console_event_buffer = Some(events);
+        self
+    }
+
+    /// Records tokio timers (`sleep`, `timeout`, `interval`) as console
+    /// resources. Off by default: a KMS arms one or more timers per request
+    /// (its own timeouts, hyper's and reqwest's), each costing events on the
+    /// request path and memory for the whole retention period, which at
+    /// thousands of requests per second is most of the console's cost. Tasks,
+    /// wakers, and the locks, semaphores and channels the collector's
+    /// lock-wait analysis reads are recorded either way. Default
+    /// [`Self::DEFAULT_CONSOLE_TIMERS`]; env
+    /// [`KMS_DIAG_CONSOLE_TIMERS`](env::KMS_DIAG_CONSOLE_TIMERS).
+    pub fn console_timers(mut self, on: bool) -> Self {
+        self.console_timers = Some(on);
+        self
+    }
+
     /// Turns the fmt log layer on or off. Default on.
     pub fn log_enabled(mut self, on: bool) -> Self {
         self.log = Some(on);
@@ -379,6 +428,17 @@ impl Builder {
     /// [`KMS_DIAG_TASKDUMP_TIMEOUT`](env::KMS_DIAG_TASKDUMP_TIMEOUT).
     pub fn taskdump_timeout(mut self, timeout: Duration) -> Self {
         self.taskdump_timeout = Some(timeout);
+        self
+    }
+
+    /// Turns task dumps of stuck requests on or off (feature `taskdump`),
+    /// for a KMS where a dump costs more than it tells: tokio's dump of a
+    /// busy multi-thread runtime can leave a worker spinning in it while new
+    /// requests keep arriving (seen with `examples/bench.rs` at 512
+    /// connections). Default on when the feature is built; env
+    /// [`KMS_DIAG_TASKDUMP`](env::KMS_DIAG_TASKDUMP).
+    pub fn taskdump_enabled(mut self, on: bool) -> Self {
+        self.taskdump = Some(on);
         self
     }
 
@@ -558,6 +618,36 @@ impl Builder {
                 &[KMS_DIAG_CONSOLE_RETENTION, TOKIO_CONSOLE_RETENTION],
                 Self::DEFAULT_CONSOLE_RETENTION,
             )?,
+            console_event_buffer: match self.console_event_buffer {
+                Some(0) => {
+                    return Err(InitError::InvalidConfig {
+                        name: "console_event_buffer",
+                        reason: "must be at least 1".into(),
+                    })
+                }
+                Some(n) => n,
+                None => match env::first(
+                    env,
+                    &[KMS_DIAG_CONSOLE_EVENT_BUFFER, TOKIO_CONSOLE_BUFFER_CAPACITY],
+                ) {
+                    Some((name, value)) => match value.parse::<usize>() {
+                        Ok(n) if n > 0 => n,
+                        _ => {
+                            return Err(InitError::InvalidEnv {
+                                name,
+                                value,
+                                expected: EVENT_BUFFER_FORM,
+                            })
+                        }
+                    },
+                    None => Self::DEFAULT_CONSOLE_EVENT_BUFFER,
+                },
+            },
+            console_timers: match self.console_timers {
+                Some(b) => b,
+                None => env::boolean(env, &[KMS_DIAG_CONSOLE_TIMERS])?
+                    .unwrap_or(Self::DEFAULT_CONSOLE_TIMERS),
+            },
             log: self.log.unwrap_or(true),
             log_filter,
             open_span_threshold: duration(
@@ -622,6 +712,10 @@ impl Builder {
                 &[KMS_DIAG_TASKDUMP_TIMEOUT],
                 Self::DEFAULT_TASKDUMP_TIMEOUT,
             )?,
+            taskdump: match self.taskdump {
+                Some(b) => b,
+                None => env::boolean(env, &[KMS_DIAG_TASKDUMP])?.unwrap_or(true),
+            },
         })
     }
 

@@ -57,6 +57,13 @@ pub const KMS_DIAG_CONSOLE_EXPOSE: &str = "KMS_DIAG_CONSOLE_EXPOSE";
 pub const KMS_DIAG_CONSOLE_RETENTION: &str = "KMS_DIAG_CONSOLE_RETENTION";
 /// Standard tokio-console retention.
 pub const TOKIO_CONSOLE_RETENTION: &str = "TOKIO_CONSOLE_RETENTION";
+/// Capacity (events) of the console's event buffer; beyond it events are
+/// dropped and counted. Falls back to [`TOKIO_CONSOLE_BUFFER_CAPACITY`].
+pub const KMS_DIAG_CONSOLE_EVENT_BUFFER: &str = "KMS_DIAG_CONSOLE_EVENT_BUFFER";
+/// Standard console-subscriber event buffer capacity.
+pub const TOKIO_CONSOLE_BUFFER_CAPACITY: &str = "TOKIO_CONSOLE_BUFFER_CAPACITY";
+/// Whether the console records tokio timers (sleep, timeout, interval).
+pub const KMS_DIAG_CONSOLE_TIMERS: &str = "KMS_DIAG_CONSOLE_TIMERS";
 /// Log filter directives (`EnvFilter` syntax). Falls back to [`RUST_LOG`].
 pub const KMS_DIAG_LOG: &str = "KMS_DIAG_LOG";
 /// Standard log filter.
@@ -79,6 +86,8 @@ pub const KMS_DIAG_PROCESS_INTERVAL: &str = "KMS_DIAG_PROCESS_INTERVAL";
 pub const KMS_DIAG_LISTEN_PORT: &str = "KMS_DIAG_LISTEN_PORT";
 /// The memory budget (bytes) process facts report instead of cgroup/MemTotal.
 pub const KMS_DIAG_MEMORY_LIMIT: &str = "KMS_DIAG_MEMORY_LIMIT";
+/// Task dumps of stuck requests on or off.
+pub const KMS_DIAG_TASKDUMP: &str = "KMS_DIAG_TASKDUMP";
 /// How long one tokio task dump may take before it is reported as timed out.
 pub const KMS_DIAG_TASKDUMP_TIMEOUT: &str = "KMS_DIAG_TASKDUMP_TIMEOUT";
 
@@ -87,6 +96,8 @@ pub(crate) const DURATION_FORM: &str = "a duration such as 500ms, 10s or 2m";
 /// Accepted form of the console bind.
 pub(crate) const CONSOLE_BIND_FORM: &str =
     "an IP:PORT socket address such as 127.0.0.1:6669, or unix:PATH";
+/// Accepted form of the console's event buffer capacity.
+pub(crate) const EVENT_BUFFER_FORM: &str = "a positive number of events such as 16384";
 /// Accepted form of a boolean.
 pub(crate) const BOOL_FORM: &str = "true/false, 1/0, on/off or yes/no";
 /// Accepted form of an endpoint.

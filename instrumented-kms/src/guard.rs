@@ -210,7 +210,9 @@ impl DiagGuard {
         .attr("service.name", s.service_name.as_str())
         .attr("service.version", s.service_version.as_str())
         .attr("config.otlp_endpoint", s.otlp_endpoint.as_str())
-        .attr("config.console_bind", s.console_bind.to_string());
+        .attr("config.console_bind", s.console_bind.to_string())
+        .attr("config.console_event_buffer", s.console_event_buffer)
+        .attr("config.console_timers", s.console_timers);
         for (key, duration) in [
             ("config.console_retention_ms", s.console_retention),
             ("config.open_span_threshold_ms", s.open_span_threshold),
@@ -289,6 +291,30 @@ fn spawn_error(thread: &'static str) -> impl FnOnce(std::io::Error) -> InitError
     move |source| InitError::SpawnThread { thread, source }
 }
 
+/// Where `kms.process` samples go: with OTLP export on, each also carries
+/// the export queue's state (`export.*`), so a long run shows whether the
+/// queue keeps up.
+#[cfg(feature = "process-facts")]
+fn process_sink(guard: &DiagGuard) -> EventSink {
+    #[cfg(feature = "otlp")]
+    if let Some(export) = &guard.export {
+        let queue = export.queue.clone();
+        let sink = guard.sink.clone();
+        return EventSink::new(move |event| {
+            let stats = queue.stats();
+            sink.emit(
+                event
+                    .attr("export.queued", stats.queued)
+                    .attr("export.in_flight", stats.in_flight)
+                    .attr("export.dropped_spans_total", stats.dropped_spans)
+                    .attr("export.dropped_events_total", stats.dropped_events)
+                    .attr("export.exported_spans_total", stats.exported_spans),
+            )
+        });
+    }
+    guard.sink.clone()
+}
+
 /// Starts everything the settings ask for.
 pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitError> {
     let mut layers: Vec<DiagLayer> = Vec::new();
@@ -314,14 +340,6 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
 
     if settings.log {
         layers.push(crate::logs::layer(&settings.log_filter));
-    }
-
-    #[cfg(feature = "console")]
-    if settings.console {
-        let (layer, addr) =
-            crate::console::start(&settings.console_bind, settings.console_retention)?;
-        layers.push(layer);
-        guard.console_addr = addr;
     }
 
     let open = Arc::new(OpenSpans::new());
@@ -365,7 +383,7 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
 
         // Task dumps are exported as events: only with OTLP on.
         #[cfg(any(feature = "taskdump", feature = "taskdump-cfg"))]
-        {
+        if settings.taskdump {
             let (stop, stopped) = mpsc::channel();
             let config = crate::taskdump::TaskdumpConfig {
                 threshold: settings.open_span_threshold,
@@ -379,6 +397,21 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
             guard.stops.push(stop);
             guard.threads.push(thread);
         }
+    }
+
+    // After the export: the console reports its drops through the sink.
+    #[cfg(feature = "console")]
+    if settings.console {
+        let config = crate::console::ConsoleConfig {
+            bind: settings.console_bind.clone(),
+            retention: settings.console_retention,
+            event_buffer: settings.console_event_buffer,
+            timers: settings.console_timers,
+            report_interval: settings.metrics_interval,
+        };
+        let (layer, addr) = crate::console::start(&config, guard.sink.clone())?;
+        layers.push(layer);
+        guard.console_addr = addr;
     }
 
     let track_threads = cfg!(feature = "watchdog");
@@ -444,7 +477,7 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
             listen_port: settings.listen_port,
             memory_limit: settings.memory_limit,
         };
-        let thread = crate::process::spawn(config, guard.sink.clone(), stopped)
+        let thread = crate::process::spawn(config, process_sink(&guard), stopped)
             .map_err(spawn_error("kms-diag-process"))?;
         guard.stops.push(stop);
         guard.threads.push(thread);

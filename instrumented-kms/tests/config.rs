@@ -226,3 +226,55 @@ fn the_process_environment_is_read() {
     assert_eq!(s.process_interval, Duration::from_secs(3));
     std::env::remove_var(env::KMS_DIAG_PROCESS_INTERVAL);
 }
+
+#[test]
+fn console_capacity_settings_resolve_like_the_others() {
+    let s = Builder::default().settings_from(&vars(&[])).unwrap();
+    assert_eq!(
+        s.console_event_buffer,
+        Builder::DEFAULT_CONSOLE_EVENT_BUFFER
+    );
+    assert!(!s.console_timers);
+    assert!(s.taskdump);
+    let standard = vars(&[(env::TOKIO_CONSOLE_BUFFER_CAPACITY, "2048")]);
+    let s = Builder::default().settings_from(&standard).unwrap();
+    assert_eq!(s.console_event_buffer, 2048);
+    let ours = vars(&[
+        (env::TOKIO_CONSOLE_BUFFER_CAPACITY, "2048"),
+        (env::KMS_DIAG_CONSOLE_EVENT_BUFFER, "4096"),
+        (env::KMS_DIAG_CONSOLE_TIMERS, "on"),
+        (env::KMS_DIAG_TASKDUMP, "off"),
+    ]);
+    let s = Builder::default().settings_from(&ours).unwrap();
+    assert_eq!(s.console_event_buffer, 4096);
+    assert!(s.console_timers);
+    assert!(!s.taskdump);
+    let s = Builder::default()
+        .console_event_buffer(100)
+        .console_timers(false)
+        .taskdump_enabled(true)
+        .settings_from(&ours)
+        .unwrap();
+    assert_eq!(s.console_event_buffer, 100);
+    assert!(!s.console_timers);
+    assert!(s.taskdump);
+    expect_invalid_env(
+        env::KMS_DIAG_CONSOLE_EVENT_BUFFER,
+        "0",
+        "positive number of events",
+    );
+    expect_invalid_env(
+        env::KMS_DIAG_CONSOLE_EVENT_BUFFER,
+        "lots",
+        "positive number of events",
+    );
+    assert!(matches!(
+        Builder::default()
+            .console_event_buffer(0)
+            .settings_from(&vars(&[])),
+        Err(InitError::InvalidConfig {
+            name: "console_event_buffer",
+            ..
+        })
+    ));
+}
