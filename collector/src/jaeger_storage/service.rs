@@ -214,7 +214,7 @@ impl TraceService for Storage {
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let Accepted { rejected, message } = self
             .ingest
-            .traces(request.into_inner())
+            .traces_from_jaeger(request.into_inner())
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(ExportTraceServiceResponse {

@@ -278,6 +278,24 @@ impl Ingest {
         &self,
         req: ExportTraceServiceRequest,
     ) -> Result<Accepted, IngestError> {
+        self.store_traces(req, true).await
+    }
+
+    /// Like [`Self::traces`], never forwarded: spans a Jaeger writes to its
+    /// remote storage (`serve --jaeger-storage`). Forwarding them to a
+    /// Jaeger, maybe that same one, would send them round for ever.
+    pub(crate) async fn traces_from_jaeger(
+        &self,
+        req: ExportTraceServiceRequest,
+    ) -> Result<Accepted, IngestError> {
+        self.store_traces(req, false).await
+    }
+
+    async fn store_traces(
+        &self,
+        req: ExportTraceServiceRequest,
+        forward: bool,
+    ) -> Result<Accepted, IngestError> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let conv = convert::traces(&req, now_ns());
         let n = conv.rows.len() as u64;
@@ -294,7 +312,9 @@ impl Ingest {
             })
             .await?;
             self.stats.spans_stored.fetch_add(n, Ordering::Relaxed);
-            self.forward(ForwardItem::Traces(req));
+            if forward {
+                self.forward(ForwardItem::Traces(req));
+            }
         }
         Ok(Accepted {
             rejected: conv.rejected,
