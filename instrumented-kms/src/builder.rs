@@ -131,7 +131,7 @@ pub struct Settings {
     pub memory_limit: Option<u64>,
     /// How long one task dump may take (feature `taskdump`).
     pub taskdump_timeout: Duration,
-    /// Task dumps of stuck requests on (feature `taskdump`).
+    /// Task dumps of stuck requests on (feature `taskdump`; off by default).
     pub taskdump: bool,
 }
 
@@ -431,12 +431,13 @@ impl Builder {
         self
     }
 
-    /// Turns task dumps of stuck requests on or off (feature `taskdump`),
-    /// for a KMS where a dump costs more than it tells: tokio's dump of a
-    /// busy multi-thread runtime can leave a worker spinning in it while new
-    /// requests keep arriving (seen with `examples/bench.rs` at 512
-    /// connections). Default on when the feature is built; env
-    /// [`KMS_DIAG_TASKDUMP`](env::KMS_DIAG_TASKDUMP).
+    /// Turns task dumps of stuck requests on (feature `taskdump`). Off by
+    /// default: tokio's task dump is unstable, and a dump of a busy
+    /// multi-thread runtime can leave a worker spinning in it, the runtime
+    /// stalled for good (seen here with `examples/bench.rs` at 512
+    /// connections and in a 10-minute soak; tokio-rs/tokio#7478 reports
+    /// the same). Turn it on to get await chains once the KMS has hung, not
+    /// before; env [`KMS_DIAG_TASKDUMP`](env::KMS_DIAG_TASKDUMP).
     pub fn taskdump_enabled(mut self, on: bool) -> Self {
         self.taskdump = Some(on);
         self
@@ -714,7 +715,7 @@ impl Builder {
             )?,
             taskdump: match self.taskdump {
                 Some(b) => b,
-                None => env::boolean(env, &[KMS_DIAG_TASKDUMP])?.unwrap_or(true),
+                None => env::boolean(env, &[KMS_DIAG_TASKDUMP])?.unwrap_or(false),
             },
         })
     }

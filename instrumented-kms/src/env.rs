@@ -86,7 +86,7 @@ pub const KMS_DIAG_PROCESS_INTERVAL: &str = "KMS_DIAG_PROCESS_INTERVAL";
 pub const KMS_DIAG_LISTEN_PORT: &str = "KMS_DIAG_LISTEN_PORT";
 /// The memory budget (bytes) process facts report instead of cgroup/MemTotal.
 pub const KMS_DIAG_MEMORY_LIMIT: &str = "KMS_DIAG_MEMORY_LIMIT";
-/// Task dumps of stuck requests on or off.
+/// Task dumps of stuck requests on (`1`) or off (default: a dump can stall a busy runtime).
 pub const KMS_DIAG_TASKDUMP: &str = "KMS_DIAG_TASKDUMP";
 /// How long one tokio task dump may take before it is reported as timed out.
 pub const KMS_DIAG_TASKDUMP_TIMEOUT: &str = "KMS_DIAG_TASKDUMP_TIMEOUT";

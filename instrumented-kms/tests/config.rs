@@ -235,7 +235,7 @@ fn console_capacity_settings_resolve_like_the_others() {
         Builder::DEFAULT_CONSOLE_EVENT_BUFFER
     );
     assert!(!s.console_timers);
-    assert!(s.taskdump);
+    assert!(!s.taskdump, "task dumps are opt-in");
     let standard = vars(&[(env::TOKIO_CONSOLE_BUFFER_CAPACITY, "2048")]);
     let s = Builder::default().settings_from(&standard).unwrap();
     assert_eq!(s.console_event_buffer, 2048);

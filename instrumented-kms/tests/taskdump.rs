@@ -36,6 +36,7 @@ fn env() -> &'static Env {
             .otlp_endpoint(receiver.endpoint())
             .console_enabled(false)
             .log_enabled(false)
+            .taskdump_enabled(true)
             .open_span_threshold(THRESHOLD)
             .open_span_interval(INTERVAL)
             .taskdump_timeout(DUMP_TIMEOUT)

@@ -85,6 +85,9 @@ impl Default for LabConfig {
         let diag_env = [
             ("KMS_DIAG_OPEN_SPAN_THRESHOLD", "2s"),
             ("KMS_DIAG_OPEN_SPAN_INTERVAL", "1s"),
+            // Await chains of stuck requests (opt-in: a dump can stall a
+            // busy runtime; the lab's load is light).
+            ("KMS_DIAG_TASKDUMP", "1"),
             ("KMS_DIAG_STALL_POLL_THRESHOLD", "1s"),
             ("KMS_DIAG_STALL_HEARTBEAT_THRESHOLD", "2s"),
             ("KMS_DIAG_DEADLOCK_INTERVAL", "1s"),
