@@ -152,7 +152,10 @@ impl Pass for Requests {
     fn run(&self, cx: &mut Context<'_>) -> Result<(), ReadError> {
         let mut f = RequestFindings {
             cancelled_after_ms: cancelled_after_ms(cx)?,
-            producer_open_span_threshold_ms: producer_open_span_threshold_ms(cx)?,
+            producer_open_span_threshold_ms: super::stall::producer_setting_ms(
+                cx,
+                "config.open_span_threshold_ms",
+            )?,
             ..RequestFindings::default()
         };
         let open_ids: std::collections::HashSet<&str> = cx
@@ -246,7 +249,7 @@ fn cancelled_after_ms(cx: &Context<'_>) -> Result<i64, ReadError> {
         .filter_map(|a| a.latency_ms)
         .map(|ms| ms as i64)
         .min();
-    let open_span = producer_open_span_threshold_ms(cx)?;
+    let open_span = super::stall::producer_setting_ms(cx, "config.open_span_threshold_ms")?;
     Ok([probe, open_span]
         .into_iter()
         .flatten()
@@ -255,18 +258,6 @@ fn cancelled_after_ms(cx: &Context<'_>) -> Result<i64, ReadError> {
             i64::try_from(super::AnalyseConfig::DEFAULT_CANCELLED_AFTER.as_millis())
                 .unwrap_or(i64::MAX)
         }))
-}
-
-/// The producer's open-span threshold, from its latest `kms.startup`.
-fn producer_open_span_threshold_ms(cx: &Context<'_>) -> Result<Option<i64>, ReadError> {
-    let startups = cx
-        .reader
-        .events("kms.startup", TimeWindow::new(i64::MIN, cx.window.to_ns))?;
-    Ok(startups
-        .iter()
-        .rev()
-        .find_map(|e| i64_of(&e.attributes, "config.open_span_threshold_ms"))
-        .filter(|t| *t > 0))
 }
 
 /// Where a cancelled request was when it was dropped: the spans of its trace

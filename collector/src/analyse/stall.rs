@@ -138,10 +138,12 @@ impl Pass for Stall {
         let samples = cx.reader.events("kms.runtime", cx.window)?;
         let threshold_ms = match cx.config.heartbeat_lag_threshold {
             Some(t) => i64::try_from(t.as_millis()).unwrap_or(i64::MAX),
-            None => producer_threshold(cx)?.unwrap_or_else(|| {
-                i64::try_from(AnalyseConfig::DEFAULT_HEARTBEAT_LAG_THRESHOLD.as_millis())
-                    .unwrap_or(i64::MAX)
-            }),
+            None => producer_setting_ms(cx, "config.stall_heartbeat_threshold_ms")?.unwrap_or_else(
+                || {
+                    i64::try_from(AnalyseConfig::DEFAULT_HEARTBEAT_LAG_THRESHOLD.as_millis())
+                        .unwrap_or(i64::MAX)
+                },
+            ),
         };
         let failure = cx.failure_or_window();
         let mut f = StallFindings {
@@ -188,16 +190,17 @@ impl Pass for Stall {
     }
 }
 
-/// The producer's heartbeat threshold, from its newest `kms.startup` event
-/// up to the end of the window.
-fn producer_threshold(cx: &Context<'_>) -> Result<Option<i64>, ReadError> {
+/// A positive millisecond setting of the producer (`key`, e.g.
+/// `config.stall_heartbeat_threshold_ms`), from its newest `kms.startup`
+/// event up to the end of the window.
+pub(crate) fn producer_setting_ms(cx: &Context<'_>, key: &str) -> Result<Option<i64>, ReadError> {
     let startups = cx
         .reader
         .events("kms.startup", TimeWindow::new(i64::MIN, cx.window.to_ns))?;
     Ok(startups
         .iter()
         .rev()
-        .find_map(|e| i64_of(&e.attributes, "config.stall_heartbeat_threshold_ms"))
+        .find_map(|e| i64_of(&e.attributes, key))
         .filter(|t| *t > 0))
 }
 
