@@ -15,12 +15,26 @@ use ingest_support::*;
 use instrumented_kms::{Builder, ConsoleBind, InitError};
 use tracing_subscriber::layer::SubscriberExt as _;
 
+/// The tests of this file run one at a time: one installs the global
+/// subscriber, and a tokio callsite another test's console thread registers
+/// while that happens can miss the console layer for good (a start-up race
+/// of tracing's callsite registry that a KMS, installing its subscriber
+/// before any runtime starts, never meets).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn console_only() -> Builder {
     Builder::default().otlp_enabled(false).log_enabled(false)
 }
 
 #[test]
 fn a_public_console_bind_needs_the_opt_in() {
+    let _serial = serial();
     let public: ConsoleBind = "0.0.0.0:0".parse().expect("address");
     let err = console_only()
         .console_bind(public.clone())
@@ -75,6 +89,7 @@ fn a_public_console_bind_needs_the_opt_in() {
 
 #[test]
 fn a_file_in_the_way_of_the_socket_is_not_replaced() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("not-a-socket");
     std::fs::write(&path, b"keep me").expect("write");
@@ -107,6 +122,7 @@ async fn tokio_console_client(path: PathBuf) -> InstrumentClient<tonic::transpor
 
 #[test]
 fn tokio_console_and_the_recorder_read_the_unix_socket() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("kms-console.sock");
     // A stale socket from an earlier run is replaced.
@@ -132,6 +148,15 @@ fn tokio_console_and_the_recorder_read_the_unix_socket() {
         .build()
         .expect("runtime");
     rt.block_on(async {
+        let mut client = tokio_console_client(path.clone()).await;
+        let mut updates = client
+            .watch_updates(InstrumentRequest {})
+            .await
+            .expect("watch updates")
+            .into_inner();
+        // Spawned once the client watches, so it reaches this client as a
+        // new task in an update (a task spawned before the watch reached it
+        // only in some runs).
         let (_keep, parked) = tokio::sync::oneshot::channel::<()>();
         tokio::task::Builder::new()
             .name("unix-console-task")
@@ -139,14 +164,7 @@ fn tokio_console_and_the_recorder_read_the_unix_socket() {
                 let _ = parked.await;
             })
             .expect("spawn");
-
-        let mut client = tokio_console_client(path.clone()).await;
-        let mut updates = client
-            .watch_updates(InstrumentRequest {})
-            .await
-            .expect("watch updates")
-            .into_inner();
-        let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        let seen = tokio::time::timeout(Duration::from_secs(30), async {
             let mut seen = String::new();
             while let Some(update) = updates.message().await.expect("update") {
                 if let Some(tasks) = update.task_update {
