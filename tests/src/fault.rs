@@ -123,7 +123,7 @@ impl Fault {
     ];
 
     /// The name used on the command line and in the admin API, e.g. `pccs-hang`.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Fault::None => "none",
             Fault::PccsHang => "pccs-hang",

@@ -106,39 +106,9 @@ impl fmt::Display for Case {
 
 const fn case(fault: Fault, setup: Setup) -> Case {
     Case {
-        name: fault_name(fault),
+        name: fault.name(),
         fault,
         setup,
-    }
-}
-
-// `Fault::name` is not const; the table below must be.
-const fn fault_name(fault: Fault) -> &'static str {
-    match fault {
-        Fault::None => "none",
-        Fault::PccsHang => "pccs-hang",
-        Fault::WebhookHang => "webhook-hang",
-        Fault::MemoryLeak => "memory-leak",
-        Fault::BlockingWorker => "blocking-worker",
-        Fault::AsyncDeadlock => "async-deadlock",
-        Fault::SyncDeadlock => "sync-deadlock",
-        Fault::FdExhaustion => "fd-exhaustion",
-        Fault::BlockingPoolExhaustion => "blocking-pool-exhaustion",
-        Fault::NeverWokenLostWaker => "never-woken-lost-waker",
-        Fault::NeverWokenKeptWaker => "never-woken-kept-waker",
-        Fault::NeverWokenH2Cancelled => "never-woken-h2-cancelled",
-        Fault::FrozenWorkers => "frozen-workers",
-        Fault::GuestAgentQuoteHang => "guest-agent-quote-hang",
-        Fault::WebhookHangFdLimit => "webhook-hang-fd-limit",
-        Fault::LeakedSemaphorePermit => "leaked-semaphore-permit",
-        Fault::HungActor => "hung-actor",
-        Fault::CpuBoundHandler => "cpu-bound-handler",
-        Fault::SchedulerStarvation => "scheduler-starvation",
-        Fault::WebhookSynBlackhole => "webhook-syn-blackhole",
-        Fault::BlockInPlace => "block-in-place",
-        Fault::WebhookHangUnderLock => "webhook-hang-under-lock",
-        Fault::SlowHandlers => "slow-handlers",
-        Fault::CpuHeavyYielding => "cpu-heavy-yielding",
     }
 }
 
