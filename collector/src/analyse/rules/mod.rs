@@ -95,10 +95,6 @@ pub(crate) struct PeerCalls {
     pub(crate) slowest_ms: i64,
     /// Calls over the slow-call threshold that no stall overlapped.
     pub(crate) slow: Vec<SpanRow>,
-    /// By `kms.call`: the start of the latest call the peer answered (closed
-    /// without an error). A call still open that began before it waits on a
-    /// peer that answers: slow, or unlucky, but not a hung peer.
-    pub(crate) last_answered_start_ns: BTreeMap<String, i64>,
 }
 
 /// The model the rules read: the findings plus what the verdict pass reads
@@ -307,15 +303,6 @@ fn closed_calls(
 ) -> Result<BTreeMap<String, PeerCalls>, ReadError> {
     let slow_ms = i64::try_from(cx.config.slow_call_threshold.as_millis()).unwrap_or(i64::MAX);
     let mut by_peer: BTreeMap<String, PeerCalls> = BTreeMap::new();
-    // A call of a cancelled request closed when its handler was dropped:
-    // closed, but not answered.
-    let cancelled: std::collections::HashSet<&str> = cx
-        .diagnosis
-        .requests
-        .cancelled
-        .iter()
-        .map(|r| r.trace_id.as_str())
-        .collect();
     for s in cx
         .reader
         .spans_started(failure, OUTBOUND_SPAN, 100_000)?
@@ -333,14 +320,6 @@ fn closed_calls(
         let e = by_peer.entry(peer).or_default();
         e.count += 1;
         e.slowest_ms = e.slowest_ms.max(ms);
-        if s.status_code != 2
-            && str_of(&s.attributes, "error.type").is_none()
-            && !cancelled.contains(s.trace_id.as_str())
-        {
-            let call = str_of(&s.attributes, "kms.call").unwrap_or_default();
-            let latest = e.last_answered_start_ns.entry(call).or_insert(s.start_ns);
-            *latest = (*latest).max(s.start_ns);
-        }
         if ms >= slow_ms && !stalled && cx.diagnosis.failure.is_some() {
             e.slow.push(s);
         }

@@ -23,60 +23,6 @@ impl Peer {
     }
 }
 
-/// True when the peer answered a call of the same kind that began after
-/// this stuck one: the peer answers, so this call is slow or lost on its
-/// own (one dead keep-alive connection, a request the peer dropped), not
-/// proof of a hung peer. It does not clear the peer either: it still waits
-/// on it.
-#[allow(dead_code)]
-fn answered_later(m: &Model<'_>, s: &StuckSpan) -> bool {
-    s.queued_behind.is_none()
-        && m.closed_calls
-            .get(s.waits_on.as_str())
-            .and_then(|c| {
-                c.last_answered_start_ns
-                    .get(s.innermost.call.as_deref().unwrap_or_default())
-            })
-            .is_some_and(|t| *t > s.innermost.start_ns)
-}
-
-/// Stuck calls to the peer while it answered later calls of the same kind:
-/// the peer is not hung, yet these requests wait on it. Neither confirms nor
-/// rules out.
-#[allow(dead_code)]
-pub(crate) struct PeerAnswersOthers(pub(crate) Peer);
-
-impl Rule for PeerAnswersOthers {
-    fn name(&self) -> &'static str {
-        "peer_answers_others"
-    }
-    fn reads(&self) -> &'static str {
-        "stuck kms.outbound spans of hung requests; closed kms.outbound spans to the same peer and kms.call that began later and closed without error"
-    }
-    fn check(&self, m: &Model<'_>) -> Option<Finding> {
-        let stuck: Vec<&StuckSpan> = m
-            .hung()
-            .filter(|s| s.peer_hypothesis() == Some(self.0.letter))
-            .filter(|s| excused(m, s).is_none() && answered_later(m, s))
-            .collect();
-        let first = stuck.first()?;
-        Some(Finding::one(
-            Effect::Missing,
-            Evidence::new(
-                "missing_data",
-                format!(
-                    "{} hung request(s) wait on {} calls ({}) while the peer answered calls of the same kind that began later: it is not hung as a whole; one dead connection or a request it dropped would look like this, and so would a peer that is merely slow (compare the durations of its answered calls)",
-                    stuck.len(),
-                    self.0.peer.as_str(),
-                    wait_summary(stuck.iter().copied())
-                ),
-            )
-            .span(Some(&first.trace_id), Some(&first.innermost.span_id))
-            .at(first.innermost.start_ns),
-        ))
-    }
-}
-
 /// Why a call to the peer cannot be blamed on it, if it cannot:
 /// - still open, it has been open for less than the stuck threshold (or
 ///   the producer's open-span threshold: it was reported only because its
