@@ -103,6 +103,9 @@ struct SampledRuntime {
     /// Heartbeat count at the last sample (to tell whether it beat since).
     #[cfg_attr(not(feature = "watchdog"), allow(dead_code))]
     last_beats: Option<u64>,
+    /// The workers' CPU counters at the last sample.
+    #[cfg(feature = "watchdog")]
+    cpu: Option<crate::watchdog::worker_cpu::WorkerCpu>,
 }
 
 fn run(
@@ -127,6 +130,8 @@ fn run(
             runtimes.push(SampledRuntime {
                 runtime: crate::runtime::tokio_id_u64(handle.id()),
                 busy: worker_busy(&handle),
+                #[cfg(feature = "watchdog")]
+                cpu: crate::watchdog::worker_cpu::WorkerCpu::take(&handle),
                 handle,
                 limits,
                 intervals,
@@ -210,7 +215,7 @@ fn runtime_event(sampled: &mut SampledRuntime, m: &RuntimeMetrics) -> DiagEvent 
     let busy = worker_busy(&sampled.handle);
     let busy_workers = busy_workers(&sampled.busy, &busy, m.elapsed);
     sampled.busy = busy;
-    let mut event = with_heartbeat(event, sampled);
+    let mut event = with_worker_cpu(with_heartbeat(event, sampled), sampled);
     if let Some(max) = sampled.limits.max_blocking_threads {
         event = event.attr("runtime.blocking_threads_max", max);
     }
@@ -254,6 +259,29 @@ fn with_heartbeat(mut event: DiagEvent, sampled: &mut SampledRuntime) -> DiagEve
 
 #[cfg(not(feature = "watchdog"))]
 fn with_heartbeat(event: DiagEvent, _sampled: &mut SampledRuntime) -> DiagEvent {
+    event
+}
+
+/// Adds the workers' CPU time and run-queue wait since the last sample
+/// (threads are known on runtimes built by `runtime_builder`).
+#[cfg(feature = "watchdog")]
+fn with_worker_cpu(mut event: DiagEvent, sampled: &mut SampledRuntime) -> DiagEvent {
+    use crate::watchdog::worker_cpu::{attributes, WorkerCpu};
+    let now = WorkerCpu::take(&sampled.handle);
+    if let (Some(before), Some(now)) = (&sampled.cpu, &now) {
+        let (cpu, window) = now.since(before);
+        for (key, value) in attributes(cpu, window) {
+            event = event.attr(key, value);
+        }
+    }
+    if now.is_some() {
+        sampled.cpu = now;
+    }
+    event
+}
+
+#[cfg(not(feature = "watchdog"))]
+fn with_worker_cpu(event: DiagEvent, _sampled: &mut SampledRuntime) -> DiagEvent {
     event
 }
 

@@ -226,6 +226,15 @@ fn with_every_worker_blocked_the_stall_still_reaches_the_receiver() {
         .unwrap();
     assert!(heartbeat.int_attr("heartbeat.lag_ms").unwrap() >= 600);
     assert_eq!(heartbeat.int_attr("runtime.workers_stuck"), Some(2));
+    // The workers sleep in recv(): little CPU over the stall's window (the
+    // collector calls workers busy from half the window on).
+    let window = heartbeat.int_attr("runtime.workers_cpu_window_ms").unwrap();
+    let cpu = heartbeat.int_attr("runtime.workers_cpu_ms").unwrap();
+    assert!(window >= 600, "window {window} ms");
+    assert!(
+        cpu * 4 < window,
+        "blocked workers on a CPU {cpu} ms of {window} ms"
+    );
 
     drop(release_tx);
     for task in tasks {
@@ -242,6 +251,60 @@ fn with_every_worker_blocked_the_stall_still_reaches_the_receiver() {
                     .iter()
                     .any(|e| e.str_attr("stall.kind").as_deref() == Some("heartbeat"))
         });
+}
+
+#[test]
+fn a_heartbeat_starved_by_busy_tasks_carries_the_workers_cpu_time() {
+    let env = env();
+    let workers = 2;
+    let (rt, runtime) = watched_runtime(workers);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Always-ready tasks with short polls: no poll stall, but each round of
+    // them takes about 1.5 s of the two workers, and the heartbeat waits in
+    // the run queue behind them.
+    let spin = Duration::from_millis(10);
+    let tasks: Vec<_> = (0..300)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            rt.spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let until = Instant::now() + spin;
+                    while Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let is_heartbeat = |e: &LogEntry| e.str_attr("stall.kind").as_deref() == Some("heartbeat");
+    env.receiver
+        .wait_until("a heartbeat stall under busy tasks", WAIT, |_| {
+            events_of("kms.stall", runtime).iter().any(is_heartbeat)
+        });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in tasks {
+        rt.block_on(task).unwrap();
+    }
+    env.receiver
+        .wait_until("the heartbeat stall ends", WAIT, |_| {
+            events_of("kms.stall_end", runtime).iter().any(is_heartbeat)
+        });
+    let end = events_of("kms.stall_end", runtime)
+        .into_iter()
+        .find(|e| is_heartbeat(e))
+        .unwrap();
+    assert_eq!(end.int_attr("runtime.workers_stuck"), Some(0));
+    let window = end.int_attr("runtime.workers_cpu_window_ms").unwrap();
+    let cpu = end.int_attr("runtime.workers_cpu_ms").unwrap();
+    // At least one worker wanted the CPU for most of the window (tasks that
+    // yield stay in their worker's own list, so the other may sleep). On a
+    // loaded machine it may wait for a CPU instead of running on one.
+    let wait = end.int_attr("runtime.workers_cpu_wait_ms").unwrap_or(0);
+    assert!(
+        (cpu + wait) * 4 >= window * 3,
+        "busy workers on a CPU {cpu} ms, waiting {wait} ms, of {window} ms"
+    );
 }
 
 #[test]
@@ -350,6 +413,22 @@ fn runtime_and_task_metrics_are_sampled_with_sane_values() {
     assert!(sample.int_attr("runtime.global_queue_depth").is_some());
     assert!(sample.int_attr("runtime.blocking_threads").is_some());
     assert_eq!(sample.bool_attr("heartbeat.ok"), Some(true));
+    // The workers' CPU accounting over the interval (the first sample after
+    // the runtime registers may lack it; this one has polls, so a later one).
+    let window = sample.int_attr("runtime.workers_cpu_window_ms");
+    let cpu = sample.int_attr("runtime.workers_cpu_ms");
+    if let (Some(window), Some(cpu)) = (window, cpu) {
+        assert!(
+            window > 0 && (0..=window * 2 + 50).contains(&cpu),
+            "cpu {cpu} of {window}"
+        );
+    }
+    assert!(
+        events_of("kms.runtime", runtime)
+            .iter()
+            .any(|e| e.int_attr("runtime.workers_cpu_window_ms").is_some()),
+        "no kms.runtime sample carries the workers' CPU accounting"
+    );
     let lag = sample.int_attr("heartbeat.lag_ms").unwrap();
     assert!(
         (0..HEARTBEAT_THRESHOLD.as_millis() as i64).contains(&lag),

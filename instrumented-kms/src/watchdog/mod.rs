@@ -21,6 +21,10 @@
 //!
 //! Each stall is reported as `kms.stall` when found, again every threshold
 //! while it lasts, and as `kms.stall_end` when over (`docs/wire-format.md`).
+//! A heartbeat stall carries the workers' CPU time and run-queue wait since
+//! just before it (see [`worker_cpu`]): busy workers are the runtime's own
+//! stall, workers waiting for a CPU are a starved host.
+//!
 //! The thread reads `/proc` for the stuck thread's kernel state and asks the
 //! span registry which span that thread is in. It never creates spans, and
 //! never touches the watched runtime's workers, so it keeps reporting when
@@ -29,6 +33,7 @@
 mod heartbeat;
 mod os_thread;
 mod stall;
+pub(crate) mod worker_cpu;
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -37,6 +42,7 @@ use std::time::Duration;
 
 #[cfg_attr(not(feature = "runtime-metrics"), allow(unused_imports))]
 pub(crate) use heartbeat::for_runtime as heartbeat_for_runtime;
+
 pub(crate) use heartbeat::Heartbeat;
 
 use crate::sink::EventSink;

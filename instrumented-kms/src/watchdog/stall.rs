@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::heartbeat::Heartbeat;
 use super::os_thread;
+use super::worker_cpu::{self, WorkerCpu};
 use super::WatchdogConfig;
 use crate::event::{AttrValue, DiagEvent, Severity};
 use crate::runtime::slots::{self, SlotOwner, SlotView};
@@ -23,6 +24,9 @@ pub(super) struct Watched {
     polls: HashMap<usize, PollTrack>,
     /// The heartbeat stall in progress, if any.
     lag: Option<Report>,
+    /// The workers' CPU counters while the heartbeat was last on time: the
+    /// start of the window a heartbeat stall's CPU accounting covers.
+    cpu_before: Option<WorkerCpu>,
     scratch: Vec<SlotView>,
 }
 
@@ -48,6 +52,7 @@ impl Watched {
             heartbeat,
             polls: HashMap::new(),
             lag: None,
+            cpu_before: None,
             scratch: Vec::new(),
         }
     }
@@ -128,19 +133,33 @@ impl Watched {
         }
 
         let lag = self.heartbeat.current_lag();
+        // Keep the counters from before any lag fresh (at most half a
+        // threshold old), reading them only while the heartbeat is on time.
+        if lag < config.heartbeat_threshold / 4
+            && self
+                .cpu_before
+                .as_ref()
+                .is_none_or(|s| now.duration_since(s.at()) >= config.heartbeat_threshold / 2)
+        {
+            self.cpu_before = WorkerCpu::take(&self.handle).or(self.cpu_before.take());
+        }
         if lag >= config.heartbeat_threshold {
             let due = match &self.lag {
                 None => true,
                 Some(r) => now.duration_since(r.last_sent) >= config.heartbeat_threshold,
             };
             if due {
-                let event = heartbeat_stall_event(
-                    runtime,
-                    lag,
-                    config.heartbeat_threshold,
-                    stuck,
-                    workers,
-                    self.heartbeat.beats(),
+                let event = with_worker_cpu(
+                    heartbeat_stall_event(
+                        runtime,
+                        lag,
+                        config.heartbeat_threshold,
+                        stuck,
+                        workers,
+                        self.heartbeat.beats(),
+                    ),
+                    &self.handle,
+                    self.cpu_before.as_ref(),
                 );
                 sink.emit(event.clone());
                 let started = self.lag.as_ref().map_or(now - lag, |r| r.started);
@@ -151,7 +170,8 @@ impl Watched {
                 });
             }
         } else if let Some(report) = self.lag.take() {
-            sink.emit(end_event(report, now));
+            let end = end_event(report, now);
+            sink.emit(with_worker_cpu(end, &self.handle, self.cpu_before.as_ref()));
         }
     }
 }
@@ -267,6 +287,26 @@ fn heartbeat_stall_event(
         .attr("heartbeat.beats", beats)
         .attr("runtime.workers_stuck", stuck)
         .attr("runtime.workers", workers)
+}
+
+/// Sets the workers' CPU accounting since `before` on a heartbeat stall
+/// event (replacing a previous report's). Unchanged when either reading is
+/// missing.
+fn with_worker_cpu(
+    mut event: DiagEvent,
+    handle: &tokio::runtime::Handle,
+    before: Option<&WorkerCpu>,
+) -> DiagEvent {
+    let Some((cpu, window)) = before.and_then(|b| Some(WorkerCpu::take(handle)?.since(b))) else {
+        return event;
+    };
+    for (key, value) in worker_cpu::attributes(cpu, window) {
+        match event.attributes.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, old)) => *old = AttrValue::Int(value),
+            None => event.attributes.push((key, AttrValue::Int(value))),
+        }
+    }
+    event
 }
 
 /// `kms.stall_end`: the last report's identifying attributes with the total
