@@ -400,13 +400,14 @@ async fn scheduler_starvation_is_d_naming_the_queues() {
     let result = lab("scheduler-starvation").await;
     // The run queues name it when tokio's queue depths show the backlog;
     // tasks that yield wait in a deferred list those depths miss, and then
-    // the heartbeat stall with no worker stuck in a poll says the same.
+    // the heartbeat stall with no worker stuck in a poll, whose workers
+    // were on a CPU throughout, says the same.
     let culprit = result.report["hypotheses"]["D"]["culprit"]
         .as_str()
         .unwrap_or_default();
     assert!(
         cites(&result.report, "D", "scheduler_starvation", "queue")
-            || culprit.contains("no worker was stuck in a poll"),
+            || culprit.contains("kept busy by runnable tasks"),
         "{}",
         result.report_text
     );

@@ -37,6 +37,7 @@ mod rules;
 mod senders;
 mod stall;
 mod stuck_io;
+mod worker_cpu;
 
 pub use connections::ConnectionFindings;
 pub use deadlock::{DeadlockCycle, DeadlockFindings, DeadlockThread};
@@ -52,6 +53,7 @@ pub use rules::{Outcome, OutcomeKind};
 pub use senders::RejectedSender;
 pub use stall::{StallEpisode, StallFindings};
 pub use stuck_io::{Innermost, StuckSpan, WaitsOn};
+pub use worker_cpu::{CpuUse, WorkersCpu};
 
 /// Thresholds of the diagnosis. Every default is a public associated const.
 #[derive(Debug, Clone, PartialEq)]

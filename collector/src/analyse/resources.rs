@@ -15,6 +15,7 @@
 use serde::Serialize;
 
 use super::attrs::{i64_of, json_of};
+use super::worker_cpu::{CpuUse, WorkersCpu};
 use super::{Context, Pass};
 use crate::store::ReadError;
 
@@ -74,6 +75,10 @@ pub struct SchedulerQueues {
     /// True when queues grew through that run by at least
     /// [`STARVATION_MIN_GROWTH`] tasks and doubled.
     pub starving: bool,
+    /// Samples whose workers were busy by tokio's clock but waited for a
+    /// CPU longer than they ran: the host starved them, so they do not
+    /// count as saturated.
+    pub host_starved_samples: usize,
 }
 
 /// The listen socket in the failure window.
@@ -164,7 +169,14 @@ impl Pass for Resources {
                     _ => super::attrs::f64_of(a, "runtime.busy_ratio")
                         .is_some_and(|r| r >= BUSY_RATIO),
                 };
-                queues.push((s.time_ns, all_busy.then_some(g + local)));
+                // tokio counts a worker busy by the wall clock; one the host
+                // does not schedule is "busy" too.
+                let host_starved =
+                    WorkersCpu::from_attrs(a).is_some_and(|c| c.classify() == CpuUse::Starved);
+                if all_busy && host_starved {
+                    f.queues.host_starved_samples += 1;
+                }
+                queues.push((s.time_ns, (all_busy && !host_starved).then_some(g + local)));
             }
         }
         f.blocking_pool.samples = pool.len();

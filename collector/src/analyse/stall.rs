@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::attrs::{bool_of, i64_of, str_of};
+use super::worker_cpu::{CpuUse, WorkersCpu};
 use super::{AnalyseConfig, Context, Pass};
 use crate::store::{EventRow, ReadError, TimeWindow};
 
@@ -58,8 +59,29 @@ pub struct StallEpisode {
     /// Worker count.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<i64>,
+    /// The workers' CPU accounting over a heartbeat stall, from its newest
+    /// report (absent from older producers and runtimes the library did not
+    /// build).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers_cpu: Option<WorkersCpu>,
     /// True when a `kms.stall_end` closed it.
     pub ended: bool,
+}
+
+impl StallEpisode {
+    /// What the workers did during a heartbeat stall; `None` for a poll
+    /// stall or without CPU accounting.
+    pub fn cpu_use(&self) -> Option<CpuUse> {
+        (self.kind == "heartbeat")
+            .then_some(self.workers_cpu?)
+            .map(|c| c.classify())
+    }
+
+    /// True for a heartbeat stall during which the workers waited for a CPU
+    /// longer than they ran: the host, not the runtime, held the heartbeat.
+    pub fn host_starved(&self) -> bool {
+        self.cpu_use() == Some(CpuUse::Starved)
+    }
 }
 
 /// What the stall pass found.
@@ -76,8 +98,13 @@ pub struct StallFindings {
     /// Largest heartbeat lag in the failure window.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_lag_in_failure_ms: Option<i64>,
-    /// Samples in the failure window over the threshold, or with `heartbeat.ok = false`.
+    /// Samples in the failure window over the threshold, or with
+    /// `heartbeat.ok = false`, whose workers were not starved of CPU by the
+    /// host.
     pub lagging_samples_in_failure: usize,
+    /// Samples in the failure window that lagged while the workers waited
+    /// for a CPU longer than they ran (not counted as lagging).
+    pub host_starved_samples_in_failure: usize,
     /// First such sample.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_lagging_ns: Option<i64>,
@@ -102,17 +129,32 @@ pub struct StallFindings {
 impl StallFindings {
     /// Start of a full runtime stall still going on at the end (a heartbeat
     /// stall, or every worker stuck in a poll): no future can make progress
-    /// from then on.
+    /// from then on. A runtime that keeps stalling, recovering for moments
+    /// between stalls (a heartbeat that lags, beats once and lags again),
+    /// has been stalled since the first stall of that run: stalls less than
+    /// two thresholds apart join it. Heartbeat stalls the host caused (its
+    /// workers waited for a CPU) are not the runtime's.
     pub fn full_stall_since(&self) -> Option<i64> {
-        self.episodes
+        let mut full: Vec<&StallEpisode> = self
+            .episodes
             .iter()
-            .filter(|e| !e.ended)
             .filter(|e| {
-                e.kind == "heartbeat"
+                (e.kind == "heartbeat" && !e.host_starved())
                     || matches!((e.workers_stuck, e.workers), (Some(s), Some(w)) if w > 0 && s >= w)
             })
-            .map(|e| e.first_ns)
-            .min()
+            .collect();
+        full.sort_by_key(|e| e.first_ns);
+        let mut since: Option<i64> = None;
+        let mut reach = i64::MIN;
+        for e in full {
+            let gap_ns = e.threshold_ms.unwrap_or(self.threshold_ms).max(1) * 2_000_000;
+            if since.is_none() || e.first_ns > reach.saturating_add(gap_ns) {
+                since = Some(e.first_ns);
+            }
+            reach = reach.max(if e.ended { e.last_ns } else { i64::MAX });
+        }
+        // Only a run that is still going on.
+        since.filter(|_| reach == i64::MAX)
     }
 
     /// Episodes that overlap `w`.
@@ -163,7 +205,11 @@ impl Pass for Stall {
             f.samples_in_failure += 1;
             f.max_lag_in_failure_ms = Some(f.max_lag_in_failure_ms.unwrap_or(0).max(lag));
             let ok = bool_of(&s.attributes, "heartbeat.ok").unwrap_or(true);
-            if lag > threshold_ms || !ok {
+            let starved = WorkersCpu::from_attrs(&s.attributes)
+                .is_some_and(|c| c.classify() == CpuUse::Starved);
+            if (lag > threshold_ms || !ok) && starved {
+                f.host_starved_samples_in_failure += 1;
+            } else if lag > threshold_ms || !ok {
                 f.lagging_samples_in_failure += 1;
                 f.first_lagging_ns.get_or_insert(s.time_ns);
             }
@@ -233,6 +279,7 @@ fn episodes(stalls: &[EventRow], ends: &[EventRow]) -> Vec<StallEpisode> {
         if is_end {
             if let Some(mut ep) = open.remove(&key) {
                 ep.last_ns = e.time_ns;
+                ep.workers_cpu = WorkersCpu::from_attrs(a).or(ep.workers_cpu);
                 ep.duration_ms = ep.duration_ms.max(duration);
                 ep.ended = true;
                 done.push(ep);
@@ -256,8 +303,12 @@ fn episodes(stalls: &[EventRow], ends: &[EventRow]) -> Vec<StallEpisode> {
             threshold_ms: i64_of(a, "stall.threshold_ms"),
             workers_stuck: None,
             workers: i64_of(a, "runtime.workers"),
+            workers_cpu: None,
             ended: false,
         });
+        if let Some(cpu) = WorkersCpu::from_attrs(a) {
+            ep.workers_cpu = Some(cpu);
+        }
         ep.last_ns = e.time_ns;
         ep.duration_ms = ep.duration_ms.max(duration);
         // The newest thread state says the most about where it is stuck now.
@@ -277,4 +328,76 @@ fn episodes(stalls: &[EventRow], ends: &[EventRow]) -> Vec<StallEpisode> {
     done.extend(open.into_values());
     done.sort_by_key(|e| (e.first_ns, e.worker));
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1_000_000_000;
+
+    fn heartbeat(from_s: i64, to_s: i64, ended: bool) -> StallEpisode {
+        StallEpisode {
+            kind: "heartbeat".into(),
+            worker: None,
+            thread_name: None,
+            thread_id: None,
+            task_id: None,
+            span_name: None,
+            trace_id: None,
+            span_id: None,
+            thread_state: None,
+            wchan: None,
+            first_ns: from_s * S,
+            last_ns: to_s * S,
+            duration_ms: (to_s - from_s) * 1000,
+            threshold_ms: Some(2000),
+            workers_stuck: Some(0),
+            workers: Some(2),
+            workers_cpu: None,
+            ended,
+        }
+    }
+
+    fn since(episodes: Vec<StallEpisode>) -> Option<i64> {
+        StallFindings {
+            episodes,
+            threshold_ms: 2000,
+            ..StallFindings::default()
+        }
+        .full_stall_since()
+        .map(|ns| ns / S)
+    }
+
+    #[test]
+    fn a_runtime_that_keeps_stalling_is_stalled_since_the_first_stall_of_the_run() {
+        // Lags, beats once, lags again: one run from 10 s.
+        assert_eq!(
+            since(vec![
+                heartbeat(10, 14, true),
+                heartbeat(15, 20, true),
+                heartbeat(21, 30, false)
+            ]),
+            Some(10)
+        );
+        // A stall long over (more than two thresholds before) is not part of it.
+        assert_eq!(
+            since(vec![heartbeat(10, 14, true), heartbeat(30, 40, false)]),
+            Some(30)
+        );
+        // Nothing still going on: no full stall.
+        assert_eq!(since(vec![heartbeat(10, 14, true)]), None);
+    }
+
+    #[test]
+    fn a_heartbeat_the_host_starved_is_no_runtime_stall() {
+        let mut starved = heartbeat(10, 30, false);
+        starved.workers_cpu = Some(WorkersCpu {
+            cpu_ms: 300,
+            wait_ms: Some(2600),
+            window_ms: 3000,
+        });
+        assert!(starved.host_starved());
+        assert_eq!(since(vec![starved]), None);
+    }
 }

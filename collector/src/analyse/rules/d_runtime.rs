@@ -7,7 +7,7 @@
 //! failure AND every hung request is positively waiting on something else.
 
 use super::{cite_requests, wait_summary, Effect, Finding, Model, Rule};
-use crate::analyse::{fmt_time, Evidence, StallEpisode, StuckSpan, WaitsOn};
+use crate::analyse::{fmt_time, CpuUse, Evidence, StallEpisode, StuckSpan, WaitsOn};
 
 fn who(ep: &StallEpisode) -> String {
     match (&ep.thread_name, ep.worker) {
@@ -46,10 +46,33 @@ fn describe_stall(ep: &StallEpisode, threshold_ms: i64) -> String {
 }
 
 /// A stall counts when still going on, or (during a failure) when it lasted
-/// the long-stall time.
+/// the long-stall time, unless it is a heartbeat stall the host caused (the
+/// workers waited for a CPU longer than they ran).
 fn counts(m: &Model<'_>, ep: &StallEpisode) -> bool {
     let long_ms = i64::try_from(m.config.long_stall.as_millis()).unwrap_or(i64::MAX);
-    !ep.ended || (m.failing() && ep.duration_ms >= long_ms)
+    !ep.host_starved() && (!ep.ended || (m.failing() && ep.duration_ms >= long_ms))
+}
+
+/// Why a heartbeat-only stall with no worker stuck in a poll does not decide
+/// D: what the workers' CPU accounting says, or that there was none.
+fn heartbeat_stall_undecided(ep: &StallEpisode) -> String {
+    let lag = format!(
+        "the heartbeat lagged {} ms while no worker was stuck in a poll",
+        ep.duration_ms
+    );
+    match (ep.cpu_use(), ep.workers_cpu) {
+        (Some(CpuUse::Asleep), Some(cpu)) => format!(
+            "{lag}, and the workers neither ran nor waited for a CPU (they were {}): the process was stopped (a debugger, SIGSTOP), the VM paused, or the runtime's timer went undriven; the facts do not say which",
+            cpu.describe(ep.workers)
+        ),
+        (_, Some(cpu)) => format!(
+            "{lag}, and the workers were not busy (they were {}); without their run-queue wait (the kernel's schedstat) a host that does not schedule them cannot be told from a stalled runtime",
+            cpu.describe(ep.workers)
+        ),
+        (_, None) => format!(
+            "{lag}; the producer sent no CPU accounting of its workers (an older library, or a runtime not built by runtime_builder), so tasks keeping every worker busy cannot be told from a host that does not schedule them"
+        ),
+    }
 }
 
 /// A poll or heartbeat stall (`kms.stall`) in the failure window that is
@@ -70,7 +93,7 @@ impl Rule for Stalled {
             .filter(|ep| counts(m, ep))
             .collect();
         let first = eps.first()?;
-        let ev = eps
+        let ev: Vec<Evidence> = eps
             .iter()
             .map(|ep| {
                 let kind = if ep.kind == "heartbeat" {
@@ -113,14 +136,82 @@ impl Rule for Stalled {
             // Only the heartbeat stalled: when the run queues show why
             // (workers busy, runnable tasks piling up), that rule names it.
             None if m.d.resources.queues.starving && m.hang => return None,
-            // The watchdog saw every worker between polls: no poll ran long,
-            // so the heartbeat waited for its turn behind other tasks.
-            None if eps.iter().all(|ep| ep.workers_stuck == Some(0)) => {
-                "runtime heartbeat stalled while no worker was stuck in a poll: runnable tasks wait their turn (a run queue starved by always-busy tasks, or a starved CPU)".to_owned()
+            None => {
+                // A heartbeat stall with no poll stuck is the runtime's own
+                // only when its workers were busy: an idle runtime on a host
+                // that does not schedule it lags the same way.
+                let busy = eps.iter().find(|ep| ep.cpu_use() == Some(CpuUse::Busy));
+                let stuck = eps
+                    .iter()
+                    .find(|ep| ep.workers_stuck.is_some_and(|n| n > 0));
+                match (busy, stuck) {
+                    (Some(ep), _) => format!(
+                        "every worker kept busy by runnable tasks with no poll running past the threshold (the workers were {}): the heartbeat waits in the run queue behind them",
+                        ep.workers_cpu.map(|c| c.describe(ep.workers)).unwrap_or_default()
+                    ),
+                    (None, Some(ep)) => format!(
+                        "runtime heartbeat stalled with {} workers in a poll past the threshold",
+                        ep.workers_stuck.unwrap_or(0)
+                    ),
+                    (None, None) => {
+                        let mut ev = ev;
+                        ev.push(
+                            Evidence::new("missing_data", heartbeat_stall_undecided(first))
+                                .at(first.first_ns),
+                        );
+                        return Some(Finding::new(Effect::Missing, ev));
+                    }
+                }
             }
-            None => "runtime heartbeat stalled".to_owned(),
         };
         Some(Finding::confirms(culprit, Some(first.first_ns), ev))
+    }
+}
+
+/// Heartbeat stalls and lagging samples during which the workers waited for
+/// a CPU longer than they ran: the host (hypervisor, cgroup, neighbours) did
+/// not schedule the runtime. Cited, and kept out of the runtime's stalls.
+struct HostCpuStarved;
+
+impl Rule for HostCpuStarved {
+    fn name(&self) -> &'static str {
+        "host_cpu_starved"
+    }
+    fn reads(&self) -> &'static str {
+        "kms.stall (heartbeat), kms.runtime: runtime.workers_cpu_ms, runtime.workers_cpu_wait_ms, runtime.workers_cpu_window_ms, runtime.workers"
+    }
+    fn check(&self, m: &Model<'_>) -> Option<Finding> {
+        let mut ev: Vec<Evidence> = m
+            .d
+            .stall
+            .episodes_in(m.failure)
+            .filter(|ep| ep.host_starved())
+            .filter_map(|ep| {
+                let cpu = ep.workers_cpu?;
+                Some(
+                    Evidence::new(
+                        "host_cpu_starved",
+                        format!(
+                            "heartbeat lagged {} ms while the workers were {}: the host did not schedule the runtime, which is not a runtime stall",
+                            ep.duration_ms,
+                            cpu.describe(ep.workers)
+                        ),
+                    )
+                    .at(ep.first_ns),
+                )
+            })
+            .collect();
+        let lagging = m.d.stall.host_starved_samples_in_failure;
+        let saturated = m.d.resources.queues.host_starved_samples;
+        if lagging + saturated > 0 {
+            ev.push(Evidence::new(
+                "host_cpu_starved",
+                format!(
+                    "kms.runtime samples taken while the workers waited for a CPU longer than they ran: {lagging} with the heartbeat late (not counted as runtime lag), {saturated} with every worker busy (not counted as saturated)"
+                ),
+            ));
+        }
+        (!ev.is_empty()).then(|| Finding::new(Effect::Cites, ev))
     }
 }
 
@@ -528,7 +619,7 @@ impl Rule for Transients {
         let long_ms = i64::try_from(m.config.long_stall.as_millis()).unwrap_or(i64::MAX);
         let mut ev: Vec<Evidence> = st
             .episodes_in(m.failure)
-            .filter(|ep| !counts(m, ep))
+            .filter(|ep| !counts(m, ep) && !ep.host_starved())
             .map(|ep| {
                 Evidence::new(
                     "transient_stall",
@@ -835,6 +926,7 @@ pub(crate) fn rules() -> Vec<Box<dyn Rule>> {
         Box::new(ParkingLotCycle),
         Box::new(AsyncLockCycle),
         Box::new(Stalled),
+        Box::new(HostCpuStarved),
         Box::new(SchedulerStarvation),
         Box::new(HeartbeatLagging),
         Box::new(BlockingPoolExhausted),
