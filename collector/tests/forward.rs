@@ -43,12 +43,18 @@ async fn forwards_closed_spans_and_logs_but_not_snapshots() {
         .await
         .expect("logs");
 
+    // The destination stores before it answers, and the source counts a
+    // request forwarded once the answer is back: wait for both.
     wait_until_async(
-        "forwarded data at the destination",
+        "forwarded data at the destination, and its answers at the source",
         Duration::from_secs(10),
         || {
             dest.query_i64("SELECT COUNT(*) FROM spans") == 101
                 && dest.query_i64("SELECT COUNT(*) FROM events") == 1
+                && src
+                    .server
+                    .forward_stats()
+                    .is_some_and(|f| f.requests_forwarded + f.requests_dropped >= 3)
         },
     )
     .await;
