@@ -407,7 +407,7 @@ async fn scheduler_starvation_is_d_naming_the_queues() {
         .unwrap_or_default();
     assert!(
         cites(&result.report, "D", "scheduler_starvation", "queue")
-            || culprit.contains("kept busy by runnable tasks"),
+            || culprit.contains("runnable tasks kept the workers busy"),
         "{}",
         result.report_text
     );

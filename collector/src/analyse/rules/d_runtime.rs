@@ -146,7 +146,7 @@ impl Rule for Stalled {
                     .find(|ep| ep.workers_stuck.is_some_and(|n| n > 0));
                 match (busy, stuck) {
                     (Some(ep), _) => format!(
-                        "every worker kept busy by runnable tasks with no poll running past the threshold (the workers were {}): the heartbeat waits in the run queue behind them",
+                        "runnable tasks kept the workers busy with no poll running past the threshold (they were {}): the heartbeat waits in the run queue behind them",
                         ep.workers_cpu.map(|c| c.describe(ep.workers)).unwrap_or_default()
                     ),
                     (None, Some(ep)) => format!(
