@@ -347,6 +347,11 @@ pub(crate) struct Frame {
     pub(crate) name: String,
     /// `file:line`, when line tables are present.
     pub(crate) location: Option<String>,
+    /// The source file is a dependency's or the standard library's (under a
+    /// cargo registry or git checkout, or rustc's library sources). With
+    /// line tables only, inlined frames carry bare names (`poll<…>`,
+    /// `{async_fn#0}`) that say nothing of their crate; the path does.
+    pub(crate) foreign_source: bool,
 }
 
 impl Frame {
@@ -356,7 +361,26 @@ impl Frame {
             (Some(file), Some(line)) => Some(format!("{}:{line}", short_path(file))),
             _ => None,
         };
-        Some(Self { name, location })
+        let foreign_source = symbol.filename().is_some_and(is_foreign_source);
+        Some(Self {
+            name,
+            location,
+            foreign_source,
+        })
+    }
+
+    /// Not the application's: a foreign crate by name or by source file.
+    fn is_foreign(&self) -> bool {
+        if self.foreign_source {
+            return true;
+        }
+        // A bare inlined name (`{async_fn#0}`, `poll<F>`): only its source
+        // file could tell, and it is not a dependency's.
+        let path = self.name.split('<').next().unwrap_or_default();
+        if self.location.is_some() && !path.contains("::") {
+            return false;
+        }
+        is_foreign(&self.name)
     }
 
     /// `get_meta` from `kms::main_service::get_meta::{{closure}}`, with its location.
@@ -398,7 +422,7 @@ fn chain(backtraces: &[tokio::runtime::dump::Backtrace]) -> Vec<String> {
 pub(crate) fn trimmed(frames: &[Frame]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for frame in frames.iter().rev() {
-        if is_foreign(&frame.name) {
+        if frame.is_foreign() {
             continue;
         }
         let shown = frame.show();
@@ -411,8 +435,12 @@ pub(crate) fn trimmed(frames: &[Frame]) -> Vec<String> {
     // what the request waits on.
     if let Some(leaf) = frames.iter().find(|f| {
         !f.name.starts_with("tokio::runtime::task::trace")
+            && !f
+                .location
+                .as_deref()
+                .is_some_and(|at| at.contains("src/runtime/task/trace"))
             && !f.name.contains("backtrace::")
-            && is_foreign(&f.name)
+            && f.is_foreign()
     }) {
         let leaf = leaf.name.clone();
         if !out.is_empty() && out.last() != Some(&leaf) {
@@ -457,6 +485,22 @@ pub(crate) fn is_foreign(name: &str) -> bool {
     krate.is_empty() || FOREIGN_CRATES.contains(&krate)
 }
 
+/// Whether a source file is a dependency's (cargo's registry or git
+/// checkouts, wherever `CARGO_HOME` is), the standard library's (rustc's
+/// `library/` sources) or this library's own.
+pub(crate) fn is_foreign_source(path: &std::path::Path) -> bool {
+    let text = path.to_string_lossy();
+    [
+        "/registry/src/",
+        "/git/checkouts/",
+        "/rustlib/src/",
+        "/instrumented-kms/src/",
+    ]
+    .iter()
+    .any(|dir| text.contains(dir))
+        || (text.starts_with("/rustc/") && text.contains("/library/"))
+}
+
 /// A demangled name without its `::h0123456789abcdef` hash.
 fn strip_hash(name: &str) -> String {
     match name.rsplit_once("::h") {
@@ -493,6 +537,7 @@ mod tests {
         Frame {
             name: name.to_owned(),
             location: None,
+            foreign_source: false,
         }
     }
 
@@ -559,5 +604,54 @@ mod tests {
         );
         // Nothing of the app's: nothing to show.
         assert!(trimmed(&innermost_first[..2]).is_empty());
+    }
+
+    #[test]
+    fn bare_inlined_names_are_told_by_their_source_file() {
+        // What a release build with line tables only resolves: inlined
+        // frames named without their crate.
+        let at = |name: &str, file: &str, line: u32| Frame {
+            name: name.to_owned(),
+            location: Some(format!("{}:{line}", short_path(std::path::Path::new(file)))),
+            foreign_source: is_foreign_source(std::path::Path::new(file)),
+        };
+        let cargo = "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f";
+        let innermost_first = [
+            at(
+                "poll_recv<T>",
+                &format!("{cargo}/tokio-1.54.1/src/sync/oneshot.rs"),
+                1318,
+            ),
+            at(
+                "poll<T>",
+                &format!("{cargo}/tokio-1.54.1/src/sync/oneshot.rs"),
+                1284,
+            ),
+            at(
+                "poll<F>",
+                &format!("{cargo}/reqwest-0.12.28/src/async_impl/client.rs"),
+                3033,
+            ),
+            at("{async_fn#0}", "/build/kms/src/main_service.rs", 210),
+            at(
+                "poll<F>",
+                "/rustc/0123abcd/library/core/src/future/future.rs",
+                133,
+            ),
+            at("{async_fn#0}", "/build/kms/src/server.rs", 178),
+            at(
+                "poll<T, M>",
+                "/usr/local/cargo/registry/src/x/tokio-metrics-0.5.2/src/task.rs",
+                2888,
+            ),
+        ];
+        assert_eq!(
+            trimmed(&innermost_first),
+            [
+                "{async_fn#0} at kms/src/server.rs:178",
+                "{async_fn#0} at kms/src/main_service.rs:210",
+                "poll_recv<T>",
+            ]
+        );
     }
 }
