@@ -32,12 +32,14 @@ pub struct WorkersCpu {
 #[serde(rename_all = "snake_case")]
 pub enum CpuUse {
     /// On a CPU, summed over workers, for at least half of the window: the
-    /// runtime had work to run. One busy worker is enough: tokio keeps tasks
-    /// that yield in a per-worker list no other worker steals from, so one
-    /// worker can starve a heartbeat while the others sleep.
+    /// runtime spent that time running other tasks while the heartbeat was
+    /// due, whatever the host took besides. One busy worker is enough:
+    /// tokio keeps tasks that yield in a per-worker list no other worker
+    /// steals from, so one worker can hold the heartbeat while the others
+    /// sleep.
     Busy,
-    /// Waited for a CPU longer than they ran, for a quarter of the window or
-    /// more: the host did not schedule them.
+    /// Not busy, and waited for a CPU longer than they ran, for a quarter
+    /// of the window or more: the host did not schedule them.
     Starved,
     /// Neither ran much nor waited: asleep (or the process was stopped).
     Asleep,
@@ -57,11 +59,13 @@ impl WorkersCpu {
 
     /// What the workers did over the window.
     pub fn classify(&self) -> CpuUse {
+        if self.cpu_ms.saturating_mul(2) >= self.window_ms {
+            return CpuUse::Busy;
+        }
         match self.wait_ms {
             Some(wait) if wait > self.cpu_ms && wait.saturating_mul(4) >= self.window_ms => {
                 CpuUse::Starved
             }
-            _ if self.cpu_ms.saturating_mul(2) >= self.window_ms => CpuUse::Busy,
             Some(_) => CpuUse::Asleep,
             None => CpuUse::Unknown,
         }
@@ -102,8 +106,11 @@ mod tests {
         // One worker spinning, the other asleep (the lab's always-ready
         // tasks that yield: 13 s of CPU in a 12 s lag on two workers).
         assert_eq!(cpu(13064, Some(82), 12140).classify(), CpuUse::Busy);
-        // Busy on a loaded host: ran less than they waited.
-        assert_eq!(cpu(1600, Some(2400), 2000).classify(), CpuUse::Starved);
+        // Busy on a loaded host: ran less than they waited, but still ran
+        // other tasks for most of the lag.
+        assert_eq!(cpu(1600, Some(2400), 2000).classify(), CpuUse::Busy);
+        // Ran a little, waited long: the host held it.
+        assert_eq!(cpu(600, Some(1800), 2000).classify(), CpuUse::Starved);
         // An idle runtime whose heartbeat's worker waited to be scheduled.
         assert_eq!(cpu(30, Some(1800), 2000).classify(), CpuUse::Starved);
         // A short wait is not what held the heartbeat up.
