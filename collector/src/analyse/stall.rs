@@ -64,6 +64,13 @@ pub struct StallEpisode {
     /// build).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers_cpu: Option<WorkersCpu>,
+    /// A heartbeat stall that began as a task dump was requested, on a
+    /// runtime that had not been stalling in the seconds before: tokio's
+    /// dump of a busy runtime can stall it by itself (workers spinning in the
+    /// dump, no task poll running long), so the stall does not show a fault
+    /// of the application.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub during_taskdump: bool,
     /// True when a `kms.stall_end` closed it.
     pub ended: bool,
 }
@@ -81,6 +88,12 @@ impl StallEpisode {
     /// longer than they ran: the host, not the runtime, held the heartbeat.
     pub fn host_starved(&self) -> bool {
         self.cpu_use() == Some(CpuUse::Starved)
+    }
+
+    /// True for a heartbeat stall something other than the runtime's own
+    /// work explains: a starved host, or a task dump in progress.
+    pub fn not_the_runtimes(&self) -> bool {
+        self.host_starved() || self.during_taskdump
     }
 }
 
@@ -105,6 +118,9 @@ pub struct StallFindings {
     /// Samples in the failure window that lagged while the workers waited
     /// for a CPU longer than they ran (not counted as lagging).
     pub host_starved_samples_in_failure: usize,
+    /// Samples in the failure window that lagged during a heartbeat stall a
+    /// task dump began (not counted as lagging).
+    pub taskdump_samples_in_failure: usize,
     /// First such sample.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_lagging_ns: Option<i64>,
@@ -139,7 +155,7 @@ impl StallFindings {
             .episodes
             .iter()
             .filter(|e| {
-                (e.kind == "heartbeat" && !e.host_starved())
+                (e.kind == "heartbeat" && !e.not_the_runtimes())
                     || matches!((e.workers_stuck, e.workers), (Some(s), Some(w)) if w > 0 && s >= w)
             })
             .collect();
@@ -188,12 +204,42 @@ impl Pass for Stall {
             ),
         };
         let failure = cx.failure_or_window();
+        let dumps = taskdump_periods(&cx.reader.events("kms.taskdump", cx.window)?);
         let mut f = StallFindings {
             episodes: episodes(&stalls, &ends),
             threshold_ms,
             runtime_samples: samples.len(),
             ..StallFindings::default()
         };
+        // A stall is the dump's when it began with a dump request on a
+        // runtime that was not stalling already (a dump requested of a stuck
+        // runtime times out because of the stall, not the other way round).
+        let spans: Vec<(i64, i64)> = f
+            .episodes
+            .iter()
+            .map(|e| (e.first_ns, if e.ended { e.last_ns } else { i64::MAX }))
+            .collect();
+        for (i, ep) in f.episodes.iter_mut().enumerate() {
+            if ep.kind != "heartbeat" {
+                continue;
+            }
+            let with_a_request = dumps.iter().any(|&(from, _)| {
+                ep.first_ns >= from - TASKDUMP_LEAD_NS && ep.first_ns <= from + TASKDUMP_LAG_NS
+            });
+            let stalling_before = spans.iter().enumerate().any(|(j, &(from, to))| {
+                j != i && from < ep.first_ns && to.saturating_add(RECOVERED_NS) >= ep.first_ns
+            });
+            ep.during_taskdump = with_a_request && !stalling_before;
+        }
+        // A sample lags during such a stall when taken from its start to
+        // one sample after its end (a sample reports the largest lag of the
+        // interval before it).
+        let dump_stalls: Vec<(i64, i64)> = f
+            .episodes
+            .iter()
+            .filter(|e| e.during_taskdump)
+            .map(|e| (e.first_ns, if e.ended { e.last_ns } else { i64::MAX }))
+            .collect();
         let mut times = Vec::with_capacity(samples.len());
         for s in &samples {
             let lag = i64_of(&s.attributes, "heartbeat.lag_ms").unwrap_or(0);
@@ -207,8 +253,13 @@ impl Pass for Stall {
             let ok = bool_of(&s.attributes, "heartbeat.ok").unwrap_or(true);
             let starved = WorkersCpu::from_attrs(&s.attributes)
                 .is_some_and(|c| c.classify() == CpuUse::Starved);
+            let in_dump_stall = dump_stalls.iter().any(|&(from, to)| {
+                s.time_ns >= from && s.time_ns <= to.saturating_add(SAMPLE_AFTER_NS)
+            });
             if (lag > threshold_ms || !ok) && starved {
                 f.host_starved_samples_in_failure += 1;
+            } else if (lag > threshold_ms || !ok) && in_dump_stall {
+                f.taskdump_samples_in_failure += 1;
             } else if lag > threshold_ms || !ok {
                 f.lagging_samples_in_failure += 1;
                 f.first_lagging_ns.get_or_insert(s.time_ns);
@@ -248,6 +299,56 @@ pub(crate) fn producer_setting_ms(cx: &Context<'_>, key: &str) -> Result<Option<
         .rev()
         .find_map(|e| i64_of(&e.attributes, key))
         .filter(|t| *t > 0))
+}
+
+/// How long before a task dump's request a heartbeat stall may seem to
+/// begin and still be the dump's: the heartbeat's last beat comes up to a
+/// period (at most 100 ms) before the runtime stops, and the watchdog looks
+/// every 100 ms at most.
+const TASKDUMP_LEAD_NS: i64 = 500_000_000;
+
+/// How long after a task dump's request a heartbeat stall may begin and
+/// still be the dump's (the dump stops the workers at once).
+const TASKDUMP_LAG_NS: i64 = 1_000_000_000;
+
+/// How long a runtime must have been free of stalls before a dump request
+/// for a stall beginning then to be the dump's.
+const RECOVERED_NS: i64 = 4_000_000_000;
+
+/// How long after a stall's end a `kms.runtime` sample still reports it
+/// (the default sample interval is 5 s).
+const SAMPLE_AFTER_NS: i64 = 6_000_000_000;
+
+/// When task dumps were in progress: from each dump's request to its
+/// answer, or with no end when it timed out and no answer followed (the
+/// library keeps a timed-out dump pending and reports its total wait).
+fn taskdump_periods(dumps: &[EventRow]) -> Vec<(i64, i64)> {
+    let started = |d: &EventRow| {
+        let waited = super::attrs::f64_of(&d.attributes, "taskdump.duration_ms").unwrap_or(0.0);
+        d.time_ns - (waited * 1e6) as i64
+    };
+    let outcome = |d: &EventRow| str_of(&d.attributes, "taskdump.outcome");
+    let answers: Vec<(i64, i64)> = dumps
+        .iter()
+        .filter(|d| outcome(d).as_deref() == Some("ok"))
+        .map(|d| (started(d), d.time_ns))
+        .collect();
+    let mut periods = answers.clone();
+    for d in dumps
+        .iter()
+        .filter(|d| outcome(d).as_deref() == Some("timeout"))
+    {
+        let from = started(d);
+        // The answer to this very dump: requested at (about) the same time.
+        let to = answers
+            .iter()
+            .filter(|(s, e)| (s - from).abs() <= 1_000_000_000 && *e >= d.time_ns)
+            .map(|(_, e)| *e)
+            .min()
+            .unwrap_or(i64::MAX);
+        periods.push((from, to));
+    }
+    periods
 }
 
 fn stall_key(e: &EventRow) -> (String, Option<i64>, Option<i64>) {
@@ -304,6 +405,7 @@ fn episodes(stalls: &[EventRow], ends: &[EventRow]) -> Vec<StallEpisode> {
             workers_stuck: None,
             workers: i64_of(a, "runtime.workers"),
             workers_cpu: None,
+            during_taskdump: false,
             ended: false,
         });
         if let Some(cpu) = WorkersCpu::from_attrs(a) {
@@ -355,6 +457,7 @@ mod tests {
             workers_stuck: Some(0),
             workers: Some(2),
             workers_cpu: None,
+            during_taskdump: false,
             ended,
         }
     }

@@ -46,11 +46,12 @@ fn describe_stall(ep: &StallEpisode, threshold_ms: i64) -> String {
 }
 
 /// A stall counts when still going on, or (during a failure) when it lasted
-/// the long-stall time, unless it is a heartbeat stall the host caused (the
-/// workers waited for a CPU longer than they ran).
+/// the long-stall time, unless it is a heartbeat stall something else
+/// explains: the host (the workers waited for a CPU longer than they ran) or
+/// a task dump that began with it.
 fn counts(m: &Model<'_>, ep: &StallEpisode) -> bool {
     let long_ms = i64::try_from(m.config.long_stall.as_millis()).unwrap_or(i64::MAX);
-    !ep.host_starved() && (!ep.ended || (m.failing() && ep.duration_ms >= long_ms))
+    !ep.not_the_runtimes() && (!ep.ended || (m.failing() && ep.duration_ms >= long_ms))
 }
 
 /// Why a heartbeat-only stall with no worker stuck in a poll does not decide
@@ -208,6 +209,47 @@ impl Rule for HostCpuStarved {
                 "host_cpu_starved",
                 format!(
                     "kms.runtime samples taken while the workers waited for a CPU longer than they ran: {lagging} with the heartbeat late (not counted as runtime lag), {saturated} with every worker busy (not counted as saturated)"
+                ),
+            ));
+        }
+        (!ev.is_empty()).then(|| Finding::new(Effect::Cites, ev))
+    }
+}
+
+/// Heartbeat stalls that began as a task dump was requested, on a runtime
+/// that had not been stalling before: tokio's dump of a busy runtime can stall it by itself, so
+/// they are cited and kept out of the runtime's stalls.
+struct StalledByTaskdump;
+
+impl Rule for StalledByTaskdump {
+    fn name(&self) -> &'static str {
+        "stalled_by_taskdump"
+    }
+    fn reads(&self) -> &'static str {
+        "kms.stall (heartbeat), kms.taskdump (taskdump.outcome, taskdump.duration_ms), kms.runtime heartbeat.lag_ms"
+    }
+    fn check(&self, m: &Model<'_>) -> Option<Finding> {
+        let st = &m.d.stall;
+        let mut ev: Vec<Evidence> = st
+            .episodes_in(m.failure)
+            .filter(|ep| ep.during_taskdump && !ep.host_starved())
+            .map(|ep| {
+                Evidence::new(
+                    "stalled_by_taskdump",
+                    format!(
+                        "{}: it began as a task dump was requested, on a runtime that had not been stalling before, and a tokio task dump of a busy runtime can stall it by itself (KMS_DIAG_TASKDUMP); not counted as the runtime's stall",
+                        describe_stall(ep, st.threshold_ms)
+                    ),
+                )
+                .at(ep.first_ns)
+            })
+            .collect();
+        if st.taskdump_samples_in_failure > 0 {
+            ev.push(Evidence::new(
+                "stalled_by_taskdump",
+                format!(
+                    "{} kms.runtime samples lagged during such a stall (not counted as runtime lag)",
+                    st.taskdump_samples_in_failure
                 ),
             ));
         }
@@ -619,7 +661,7 @@ impl Rule for Transients {
         let long_ms = i64::try_from(m.config.long_stall.as_millis()).unwrap_or(i64::MAX);
         let mut ev: Vec<Evidence> = st
             .episodes_in(m.failure)
-            .filter(|ep| !counts(m, ep) && !ep.host_starved())
+            .filter(|ep| !counts(m, ep) && !ep.not_the_runtimes())
             .map(|ep| {
                 Evidence::new(
                     "transient_stall",
@@ -927,6 +969,7 @@ pub(crate) fn rules() -> Vec<Box<dyn Rule>> {
         Box::new(AsyncLockCycle),
         Box::new(Stalled),
         Box::new(HostCpuStarved),
+        Box::new(StalledByTaskdump),
         Box::new(SchedulerStarvation),
         Box::new(HeartbeatLagging),
         Box::new(BlockingPoolExhausted),
