@@ -136,7 +136,7 @@ pub fn expected(case: &Case) -> Vec<Expected> {
     let mut out = expected_without_dumps(case);
     let dump_stalled: Vec<Expected> = out
         .iter()
-        .filter(|e| e.d == RULED_OUT && e.checks.is_empty())
+        .filter(|e| e.d == RULED_OUT && e.checks.is_empty() && !e.causes.contains(&"D"))
         .map(|e| Expected {
             d: &["inconclusive"],
             checks: &[Check::DumpStalled],
@@ -193,6 +193,9 @@ impl Expected {
         }
         if !self.causes.contains(&"D") && !self.d.is_empty() {
             text.push_str(&format!("; D {}", self.d.join("|")));
+            if self.checks.contains(&Check::DumpStalled) {
+                text.push_str(" by a task dump's stall");
+            }
         }
         if let Some(span) = self.wait_span {
             text.push_str(&format!("; waits in {span}"));
