@@ -363,7 +363,7 @@ fn problems(expect: &Expected, report: &Value) -> Vec<String> {
                     .as_array()
                     .is_some_and(|ev| {
                         ev.iter()
-                            .any(|e| e["kind"].as_str() == Some("stalled_by_taskdump"))
+                            .any(|e| e["rule"].as_str() == Some("stalled_by_taskdump"))
                     });
                 if !cited {
                     problems.push(

@@ -230,9 +230,13 @@ impl Rule for StalledByTaskdump {
     }
     fn check(&self, m: &Model<'_>) -> Option<Finding> {
         let st = &m.d.stall;
-        let mut ev: Vec<Evidence> = st
+        let long_ms = i64::try_from(m.config.long_stall.as_millis()).unwrap_or(i64::MAX);
+        let eps: Vec<&StallEpisode> = st
             .episodes_in(m.failure)
             .filter(|ep| ep.during_taskdump && !ep.host_starved())
+            .collect();
+        let mut ev: Vec<Evidence> = eps
+            .iter()
             .map(|ep| {
                 Evidence::new(
                     "stalled_by_taskdump",
@@ -253,7 +257,22 @@ impl Rule for StalledByTaskdump {
                 ),
             ));
         }
-        (!ev.is_empty()).then(|| Finding::new(Effect::Cites, ev))
+        if ev.is_empty() {
+            return None;
+        }
+        // Going on or long: the runtime really was held, by the dump, so
+        // what the application would have done is unknown.
+        if eps.iter().any(|ep| !ep.ended || ep.duration_ms >= long_ms) {
+            ev.insert(
+                0,
+                Evidence::new(
+                    "missing_data",
+                    "the runtime stalled, but the stall began with a task dump, so whether the application stalls it too is unknown: collect again with KMS_DIAG_TASKDUMP off",
+                ),
+            );
+            return Some(Finding::new(Effect::Missing, ev));
+        }
+        Some(Finding::new(Effect::Cites, ev))
     }
 }
 
@@ -643,6 +662,22 @@ fn slow_calls(m: &Model<'_>) -> bool {
 pub(crate) fn runtime_healthy(m: &Model<'_>) -> bool {
     let st = &m.d.stall;
     st.covers_failure && !st.lag_persistent && !st.episodes_in(m.failure).any(|ep| counts(m, ep))
+}
+
+/// True when the runtime not only stayed healthy by D's measure but ran:
+/// no heartbeat stall that something else explains (a starved host, a task
+/// dump) was going on or lasted long in the failure window. Such a stall is
+/// not the application's fault, yet nothing was accepted or polled while
+/// it lasted.
+pub(crate) fn runtime_ran(m: &Model<'_>) -> bool {
+    let st = &m.d.stall;
+    let long_ms = i64::try_from(m.config.long_stall.as_millis()).unwrap_or(i64::MAX);
+    runtime_healthy(m)
+        && st.taskdump_samples_in_failure == 0
+        && st.host_starved_samples_in_failure == 0
+        && !st
+            .episodes_in(m.failure)
+            .any(|ep| ep.not_the_runtimes() && (!ep.ended || ep.duration_ms >= long_ms))
 }
 
 /// Short stalls and lag spikes that ended, and task dumps that timed out:

@@ -6,7 +6,7 @@
 //! stalled runtime also stops requests before the handler.
 
 use super::c_memory::pct;
-use super::d_runtime::{listen_summary, runtime_healthy};
+use super::d_runtime::{listen_summary, runtime_ran};
 use super::{Effect, Finding, Model, Rule};
 use crate::analyse::Evidence;
 
@@ -61,7 +61,7 @@ impl Rule for AcceptLoopNotAccepting {
     fn check(&self, m: &Model<'_>) -> Option<Finding> {
         let l = &m.d.resources.listen;
         let run = l.waiting.as_ref().filter(|_| l.not_accepting && m.hang)?;
-        if m.d.connections.exhausted() || !runtime_healthy(m) || m.confirmed("D") {
+        if m.d.connections.exhausted() || !runtime_ran(m) || m.confirmed("D") {
             return None;
         }
         Some(Finding::confirms(
