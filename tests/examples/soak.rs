@@ -34,17 +34,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use kms_collector::console::{ConsoleConfig, SnapshotSink};
-use kms_collector::probe::SinkError;
+use kms_collector::console::ConsoleConfig;
 use kms_collector::serve::{Server, ServerConfig};
-use kms_collector::store::{
-    ConsoleSnapshot, Reader, Record, SqliteReader, StoreHandle, TimeWindow,
-};
+use kms_collector::store::{Reader, SqliteReader, TimeWindow};
 use kms_twin::lab::cases::BOOT_WAVE;
 use kms_twin::lab::child::{TwinLaunch, TwinProcess};
 use kms_twin::lab::client::{KmsClient, Protocol};
 use kms_twin::lab::load::Load;
-use kms_twin::lab::scenario::LabConfig;
+use kms_twin::lab::scenario::{ConsoleStoreSink, LabConfig};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<OsString> = std::env::args_os().collect();
@@ -92,17 +89,6 @@ struct Plan {
     warmup: Duration,
     waves: usize,
     keep: Option<std::path::PathBuf>,
-}
-
-/// Console snapshots into the store, as the lab records them.
-struct ConsoleStoreSink(StoreHandle);
-
-impl SnapshotSink for ConsoleStoreSink {
-    fn write_console_snapshot(&self, snapshot: &ConsoleSnapshot) -> Result<(), SinkError> {
-        self.0
-            .write_blocking(vec![Record::Console(snapshot.clone())])
-            .map_err(|e| Box::new(e) as SinkError)
-    }
 }
 
 /// One report line's figures.

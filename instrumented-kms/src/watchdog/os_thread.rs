@@ -27,8 +27,14 @@ pub(crate) fn read(tid: i64) -> OsThreadState {
 /// itself contain spaces and parentheses, so the state is the first field
 /// after the *last* `)`.
 pub(crate) fn parse_stat_state(stat: &str) -> Option<char> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().next()?.chars().next()
+    stat_fields(stat)?.next()?.chars().next()
+}
+
+/// The fields of a `stat` line after the command name, from the state
+/// (field 3) on. The name (in parentheses) may itself hold spaces and
+/// parentheses, so they start after the *last* `)`.
+pub(crate) fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace())
 }
 
 /// `wchan` holds a kernel symbol, or `0` when the thread is running.

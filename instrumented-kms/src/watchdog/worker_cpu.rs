@@ -12,6 +12,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::os_thread::stat_fields;
 use crate::runtime::threads;
 
 /// CPU accounting of a set of threads, summed.
@@ -113,12 +114,10 @@ pub(crate) fn parse_schedstat(text: &str) -> Option<(Duration, Duration)> {
     Some((Duration::from_nanos(on_cpu), Duration::from_nanos(waiting)))
 }
 
-/// `utime + stime` of a `stat` line (fields 14 and 15, counted from the pid;
-/// the command name in parentheses may hold spaces, so fields are counted
-/// after the last `)`, where the state is field 3).
+/// `utime + stime` of a `stat` line (fields 14 and 15, counted from the
+/// pid; [`stat_fields`] starts at the state, field 3).
 pub(crate) fn parse_stat_cpu(stat: &str, ticks_per_second: u64) -> Option<Duration> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
+    let mut fields = stat_fields(stat)?.skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     let ticks = utime.checked_add(stime)?;

@@ -194,8 +194,10 @@ impl ProbeSink for LabProbeSink {
     }
 }
 
-/// Console snapshots into the store.
-struct ConsoleStoreSink(StoreHandle);
+/// Console snapshots into the store (the recorder's sink in the lab and the
+/// soak).
+#[derive(Debug)]
+pub struct ConsoleStoreSink(pub StoreHandle);
 
 impl SnapshotSink for ConsoleStoreSink {
     fn write_console_snapshot(&self, snapshot: &ConsoleSnapshot) -> Result<(), SinkError> {

@@ -50,8 +50,17 @@ fn describe_stall(ep: &StallEpisode, threshold_ms: i64) -> String {
 /// explains: the host (the workers waited for a CPU longer than they ran) or
 /// a task dump that began with it.
 fn counts(m: &Model<'_>, ep: &StallEpisode) -> bool {
-    let long_ms = i64::try_from(m.config.long_stall.as_millis()).unwrap_or(i64::MAX);
-    !ep.not_the_runtimes() && (!ep.ended || (m.failing() && ep.duration_ms >= long_ms))
+    !ep.not_the_runtimes() && (!ep.ended || (m.failing() && ep.duration_ms >= long_stall_ms(m)))
+}
+
+/// The long-stall time in milliseconds.
+fn long_stall_ms(m: &Model<'_>) -> i64 {
+    i64::try_from(m.config.long_stall.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A stall still going on, or one that lasted the long-stall time.
+fn held_long(m: &Model<'_>, ep: &StallEpisode) -> bool {
+    !ep.ended || ep.duration_ms >= long_stall_ms(m)
 }
 
 /// Why a heartbeat-only stall with no worker stuck in a poll does not decide
@@ -217,8 +226,9 @@ impl Rule for HostCpuStarved {
 }
 
 /// Heartbeat stalls that began as a task dump was requested, on a runtime
-/// that had not been stalling before: tokio's dump of a busy runtime can stall it by itself, so
-/// they are cited and kept out of the runtime's stalls.
+/// that had not been stalling before: tokio's dump of a busy runtime can
+/// stall it by itself, so they are cited and kept out of the runtime's
+/// stalls.
 struct StalledByTaskdump;
 
 impl Rule for StalledByTaskdump {
@@ -230,7 +240,6 @@ impl Rule for StalledByTaskdump {
     }
     fn check(&self, m: &Model<'_>) -> Option<Finding> {
         let st = &m.d.stall;
-        let long_ms = i64::try_from(m.config.long_stall.as_millis()).unwrap_or(i64::MAX);
         let eps: Vec<&StallEpisode> = st
             .episodes_in(m.failure)
             .filter(|ep| ep.during_taskdump && !ep.host_starved())
@@ -262,7 +271,7 @@ impl Rule for StalledByTaskdump {
         }
         // Going on or long: the runtime really was held, by the dump, so
         // what the application would have done is unknown.
-        if eps.iter().any(|ep| !ep.ended || ep.duration_ms >= long_ms) {
+        if eps.iter().any(|ep| held_long(m, ep)) {
             ev.insert(
                 0,
                 Evidence::new(
@@ -671,13 +680,12 @@ pub(crate) fn runtime_healthy(m: &Model<'_>) -> bool {
 /// it lasted.
 pub(crate) fn runtime_ran(m: &Model<'_>) -> bool {
     let st = &m.d.stall;
-    let long_ms = i64::try_from(m.config.long_stall.as_millis()).unwrap_or(i64::MAX);
     runtime_healthy(m)
         && st.taskdump_samples_in_failure == 0
         && st.host_starved_samples_in_failure == 0
         && !st
             .episodes_in(m.failure)
-            .any(|ep| ep.not_the_runtimes() && (!ep.ended || ep.duration_ms >= long_ms))
+            .any(|ep| ep.not_the_runtimes() && held_long(m, ep))
 }
 
 /// Short stalls and lag spikes that ended, and task dumps that timed out:
@@ -693,7 +701,7 @@ impl Rule for Transients {
     }
     fn check(&self, m: &Model<'_>) -> Option<Finding> {
         let st = &m.d.stall;
-        let long_ms = i64::try_from(m.config.long_stall.as_millis()).unwrap_or(i64::MAX);
+        let long_ms = long_stall_ms(m);
         let mut ev: Vec<Evidence> = st
             .episodes_in(m.failure)
             .filter(|ep| !counts(m, ep) && !ep.not_the_runtimes())
