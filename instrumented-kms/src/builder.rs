@@ -56,6 +56,7 @@ pub struct Builder {
     console_retention: Option<Duration>,
     console_event_buffer: Option<usize>,
     console_timers: Option<bool>,
+    console_max_tasks: Option<usize>,
     log: Option<bool>,
     log_filter: Option<String>,
     open_span_threshold: Option<Duration>,
@@ -107,6 +108,8 @@ pub struct Settings {
     pub console_event_buffer: usize,
     /// Whether the console records tokio timers (sleep, timeout, interval).
     pub console_timers: bool,
+    /// Tasks, and resources, the console holds at most (live or retained).
+    pub console_max_tasks: usize,
     /// fmt log layer on.
     pub log: bool,
     /// Log filter directives.
@@ -164,6 +167,11 @@ impl Builder {
     /// Default for recording tokio timers in the console: off (see
     /// [`console_timers`](Self::console_timers)).
     pub const DEFAULT_CONSOLE_TIMERS: bool = false;
+    /// Default cap on the tasks (and on the resources) the console holds:
+    /// twice the connections of a busy KMS, each task costing the console
+    /// about 50 KB while it is held (see
+    /// [`console_max_tasks`](Self::console_max_tasks)).
+    pub const DEFAULT_CONSOLE_MAX_TASKS: usize = 1024;
     /// Default log filter.
     pub const DEFAULT_LOG_FILTER: &'static str = "info";
     /// Default age after which an open span is reported.
@@ -331,6 +339,23 @@ impl Builder {
     /// [`KMS_DIAG_CONSOLE_TIMERS`](env::KMS_DIAG_CONSOLE_TIMERS).
     pub fn console_timers(mut self, on: bool) -> Self {
         self.console_timers = Some(on);
+        self
+    }
+
+    /// The most tasks the console holds, live or completed within
+    /// [`console_retention`](Self::console_retention), and separately the
+    /// most resources. Tasks spawned while it is full are not recorded by
+    /// the console at all (so cost it nothing); `kms.console` counts them
+    /// (`console.refused_tasks`) and the collector's report says so. This
+    /// bounds the console's memory by a count instead of by the rate at which
+    /// connections come and go: each held task costs about 50 KB (its poll
+    /// and scheduling histograms), so the default holds at most about
+    /// 50 MB of tasks. Raise it to see every task of a KMS with more
+    /// concurrent connections; lower the retention instead to keep fewer
+    /// completed ones. Default [`Self::DEFAULT_CONSOLE_MAX_TASKS`]; env
+    /// [`KMS_DIAG_CONSOLE_MAX_TASKS`](env::KMS_DIAG_CONSOLE_MAX_TASKS).
+    pub fn console_max_tasks(mut self, tasks: usize) -> Self {
+        self.console_max_tasks = Some(tasks);
         self
     }
 
@@ -648,6 +673,21 @@ impl Builder {
                 Some(b) => b,
                 None => env::boolean(env, &[KMS_DIAG_CONSOLE_TIMERS])?
                     .unwrap_or(Self::DEFAULT_CONSOLE_TIMERS),
+            },
+            console_max_tasks: match self.console_max_tasks {
+                Some(0) => {
+                    return Err(InitError::InvalidConfig {
+                        name: "console_max_tasks",
+                        reason: "must be at least 1".into(),
+                    })
+                }
+                Some(n) => n,
+                None => env::integer::<std::num::NonZeroUsize>(
+                    env,
+                    &[KMS_DIAG_CONSOLE_MAX_TASKS],
+                    "a number of tasks, at least 1",
+                )?
+                .map_or(Self::DEFAULT_CONSOLE_MAX_TASKS, std::num::NonZeroUsize::get),
             },
             log: self.log.unwrap_or(true),
             log_filter,

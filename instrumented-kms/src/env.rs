@@ -62,6 +62,9 @@ pub const TOKIO_CONSOLE_RETENTION: &str = "TOKIO_CONSOLE_RETENTION";
 pub const KMS_DIAG_CONSOLE_EVENT_BUFFER: &str = "KMS_DIAG_CONSOLE_EVENT_BUFFER";
 /// Standard console-subscriber event buffer capacity.
 pub const TOKIO_CONSOLE_BUFFER_CAPACITY: &str = "TOKIO_CONSOLE_BUFFER_CAPACITY";
+/// Tasks (and, separately, resources) the console holds at most, live or
+/// completed within its retention; more are not recorded, and counted.
+pub const KMS_DIAG_CONSOLE_MAX_TASKS: &str = "KMS_DIAG_CONSOLE_MAX_TASKS";
 /// Whether the console records tokio timers (sleep, timeout, interval).
 pub const KMS_DIAG_CONSOLE_TIMERS: &str = "KMS_DIAG_CONSOLE_TIMERS";
 /// Log filter directives (`EnvFilter` syntax). Falls back to [`RUST_LOG`].

@@ -212,7 +212,8 @@ impl DiagGuard {
         .attr("config.otlp_endpoint", s.otlp_endpoint.as_str())
         .attr("config.console_bind", s.console_bind.to_string())
         .attr("config.console_event_buffer", s.console_event_buffer)
-        .attr("config.console_timers", s.console_timers);
+        .attr("config.console_timers", s.console_timers)
+        .attr("config.console_max_tasks", s.console_max_tasks);
         for (key, duration) in [
             ("config.console_retention_ms", s.console_retention),
             ("config.open_span_threshold_ms", s.open_span_threshold),
@@ -405,6 +406,7 @@ pub(crate) fn start(settings: Settings) -> Result<(DiagLayer, DiagGuard), InitEr
         let config = crate::console::ConsoleConfig {
             bind: settings.console_bind.clone(),
             retention: settings.console_retention,
+            max_tasks: settings.console_max_tasks,
             event_buffer: settings.console_event_buffer,
             timers: settings.console_timers,
             report_interval: settings.metrics_interval,

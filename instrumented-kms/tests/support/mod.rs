@@ -261,6 +261,9 @@ impl Receiver {
         let thread = thread::Builder::new()
             .name("test-otlp-receiver".into())
             .spawn(move || {
+                // A peer of the app, not part of it: its tasks and spans
+                // must not reach the subscriber under test.
+                let _quiet = tracing::dispatcher::set_default(&tracing::Dispatch::none());
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

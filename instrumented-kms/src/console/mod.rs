@@ -11,15 +11,21 @@
 //!   timers unless asked ([`ConsoleConfig::timers`]): a KMS arms timers on
 //!   every request, and each is an entry held for the retention period;
 //! - retention is 60 s by default (console-subscriber's is one hour);
+//! - it holds at most [`ConsoleConfig::max_tasks`] tasks, and as many
+//!   resources, live or completed within the retention period
+//!   ([`admission`]): what it holds depends on that setting, not on the rate
+//!   at which connections come and go;
 //! - the event buffer between the app's threads and the aggregator is
 //!   bounded ([`ConsoleConfig::event_buffer`]); beyond it events are dropped,
 //!   never waited for;
 //! - a client that stops reading is disconnected after
 //!   [`CLIENT_BUFFER`] updates instead of 4096.
 //!
-//! console-subscriber reports the events it dropped to its clients only, so
-//! this thread runs one client of its own and exports the count as the
-//! periodic `kms.console` event (`console.dropped_events`).
+//! The periodic `kms.console` event reports what the console did not
+//! record: the tasks and resources refused by the cap, and the events
+//! dropped from the full buffer (`console.dropped_events`).
+//! console-subscriber reports the latter to its clients only, so on TCP
+//! this thread runs one client of its own to count them.
 //!
 //! The server listens on TCP or on a Unix socket (`unix:PATH`, created with
 //! mode 0600, so only the KMS's user and root can connect). Whether a TCP
@@ -33,19 +39,22 @@ compile_error!(
 );
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use console_api::instrument::instrument_client::InstrumentClient;
 use console_api::instrument::InstrumentRequest;
-use tracing_subscriber::filter::FilterFn;
 use tracing_subscriber::Layer;
+
+use self::admission::{ConsoleFilter, Refused, RefusedCounter};
 
 use crate::access::ConsoleBind;
 use crate::builder::DiagLayer;
 use crate::error::InitError;
 use crate::event::{DiagEvent, Severity};
 use crate::sink::EventSink;
+
+mod admission;
 
 /// Name of the console server thread.
 pub(crate) const THREAD_NAME: &str = "kms-diag-console";
@@ -66,6 +75,8 @@ pub(crate) struct ConsoleConfig {
     pub(crate) bind: ConsoleBind,
     /// How long completed tasks and resources are kept.
     pub(crate) retention: Duration,
+    /// Tasks (and, separately, resources) held at most, live or retained.
+    pub(crate) max_tasks: usize,
     /// console-subscriber's `event_buffer_capacity`.
     pub(crate) event_buffer: usize,
     /// Record tokio timers too.
@@ -119,12 +130,12 @@ pub(crate) fn start(
     config: &ConsoleConfig,
     sink: EventSink,
 ) -> Result<(DiagLayer, Option<SocketAddr>), InitError> {
-    let (listener, bound, target) = match &config.bind {
+    let (listener, bound) = match &config.bind {
         ConsoleBind::Tcp(addr) => {
             let (l, bound) = bind_tcp(*addr)?;
-            (l, Some(bound), DropTarget::Tcp(bound))
+            (l, Some(bound))
         }
-        ConsoleBind::Unix(path) => (bind_unix(path)?, None, DropTarget::Unix(path.clone())),
+        ConsoleBind::Unix(path) => (bind_unix(path)?, None),
     };
     let mut builder = console_subscriber::ConsoleLayer::builder()
         .retention(config.retention)
@@ -135,10 +146,16 @@ pub(crate) fn start(
     }
     let (layer, server) = builder.build();
     let parts = server.into_parts();
-    let drops = DropCounter {
-        target,
+    let filter = ConsoleFilter::new(config.timers, config.max_tasks, config.retention);
+    let reporter = Reporter {
+        // Over a Unix socket our own client made tokio-console's client miss
+        // the tasks in some runs (collector/tests/console_access.rs); there
+        // the dropped events are left to the console's own clients.
+        drops_from: bound,
+        refused: filter.refused_counter(),
         interval: config.report_interval,
         event_buffer: config.event_buffer,
+        max_tasks: config.max_tasks,
         sink,
     };
     crate::quiet_thread::spawn(THREAD_NAME, move |ready| {
@@ -156,14 +173,7 @@ pub(crate) fn start(
         rt.block_on(async move {
             let aggregator = parts.aggregator;
             tokio::spawn(aggregator.run());
-            // Over a Unix socket our own client made tokio-console's client
-            // miss the tasks in some runs (collector/tests/console_access.rs);
-            // there the drops are left to the console's own clients.
-            if matches!(drops.target, DropTarget::Tcp(_)) {
-                tokio::spawn(drops.run());
-            } else {
-                drop(drops);
-            }
+            tokio::spawn(reporter.run());
             ready.signal();
             let server = tonic::transport::Server::builder().add_service(parts.instrument_server);
             let served = match listener {
@@ -199,84 +209,60 @@ pub(crate) fn start(
         thread: THREAD_NAME,
         source,
     })?;
-    let timers = config.timers;
-    Ok((
-        layer
-            .with_filter(FilterFn::new(move |meta| console_filter(meta, timers)))
-            .boxed(),
-        bound,
-    ))
+    Ok((layer.with_filter(filter).boxed(), bound))
 }
 
-/// What console-subscriber's own `spawn` lets through (tokio's runtime
-/// spans and events), less timers unless `timers`. The decision depends on
-/// the callsite only, so tracing caches it: callsites the console does not
-/// want cost it nothing after their first use.
-fn console_filter(meta: &tracing::Metadata<'_>, timers: bool) -> bool {
-    let tokio = if meta.is_event() {
-        meta.target().starts_with("runtime::") || meta.target().starts_with("tokio")
+/// Where a client on this host reaches a console bound at `addr`: a
+/// wildcard bind is reached on loopback.
+fn local_uri(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        let loopback: std::net::IpAddr = if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        };
+        format!("http://{}", SocketAddr::new(loopback, addr.port()))
     } else {
-        meta.name().starts_with("runtime.") || meta.target().starts_with("tokio")
-    };
-    tokio && (timers || !is_timer(meta))
-}
-
-/// tokio's timer instrumentation: the resource, async-op and state-update
-/// callsites of `Sleep` and `Interval` (their targets name the kind of
-/// record, their module the kind of resource).
-fn is_timer(meta: &tracing::Metadata<'_>) -> bool {
-    meta.module_path()
-        .is_some_and(|m| m.starts_with("tokio::time"))
-}
-
-/// Where the drop counter reaches the console server.
-#[derive(Debug, Clone)]
-enum DropTarget {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl DropTarget {
-    fn uri(&self) -> String {
-        match self {
-            // A wildcard bind is reached on loopback.
-            DropTarget::Tcp(addr) if addr.ip().is_unspecified() => {
-                let loopback: std::net::IpAddr = if addr.is_ipv4() {
-                    std::net::Ipv4Addr::LOCALHOST.into()
-                } else {
-                    std::net::Ipv6Addr::LOCALHOST.into()
-                };
-                format!("http://{}", SocketAddr::new(loopback, addr.port()))
-            }
-            DropTarget::Tcp(addr) => format!("http://{addr}"),
-            DropTarget::Unix(path) => format!("unix:{}", path.display()),
-        }
+        format!("http://{addr}")
     }
 }
 
-/// A console client of our own that adds up the `dropped_events` of every
-/// update and emits `kms.console` each interval.
+/// Emits `kms.console` each interval: what the cap refused and, through a
+/// console client of our own when `drops_from` is set, the `dropped_events`
+/// of every update.
 ///
 /// console-subscriber resets its counters when it builds an update, and
 /// every connected client receives the same update, so this client and
 /// tokio-console read the same drops; only the drops counted into a newly
 /// connected client's first update are seen by that client alone.
-struct DropCounter {
-    target: DropTarget,
+struct Reporter {
+    drops_from: Option<SocketAddr>,
+    refused: RefusedCounter,
     interval: Duration,
     event_buffer: usize,
+    max_tasks: usize,
     sink: EventSink,
 }
 
-impl DropCounter {
+/// The dropped-event counts of the reporting period and since start.
+#[derive(Default)]
+struct Dropped {
+    since_report: u64,
+    total: u64,
+}
+
+impl Reporter {
     async fn run(self) {
-        let mut total: u64 = 0;
-        let mut since_report: u64 = 0;
+        let mut dropped = Dropped::default();
+        let mut refused_before = Refused::default();
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
-            let mut updates = self.connect().await;
+            let mut updates = match self.drops_from {
+                Some(addr) => Self::connect(addr).await,
+                None => None,
+            };
             loop {
                 let message = match updates.as_mut() {
                     Some(stream) => tokio::select! {
@@ -290,18 +276,20 @@ impl DropCounter {
                 };
                 match message {
                     Some(Ok(Some(update))) => {
-                        let dropped = update.task_update.map_or(0, |u| u.dropped_events)
+                        let n = update.task_update.map_or(0, |u| u.dropped_events)
                             + update.resource_update.map_or(0, |u| u.dropped_events)
                             + update.async_op_update.map_or(0, |u| u.dropped_events);
-                        total = total.saturating_add(dropped);
-                        since_report = since_report.saturating_add(dropped);
+                        dropped.total = dropped.total.saturating_add(n);
+                        dropped.since_report = dropped.since_report.saturating_add(n);
                     }
                     // The stream ended or failed: report, then reconnect.
                     Some(_) => break,
                     None => {
-                        self.report(since_report, total, updates.is_some());
-                        since_report = 0;
-                        if updates.is_none() {
+                        let refused = self.refused.get();
+                        self.report(&dropped, refused_before, refused, updates.is_some());
+                        refused_before = refused;
+                        dropped.since_report = 0;
+                        if updates.is_none() && self.drops_from.is_some() {
                             break;
                         }
                     }
@@ -311,8 +299,10 @@ impl DropCounter {
     }
 
     /// A watch on the console's updates, or `None` when it cannot be had now.
-    async fn connect(&self) -> Option<tonic::Streaming<console_api::instrument::Update>> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.target.uri()).ok()?;
+    async fn connect(
+        addr: SocketAddr,
+    ) -> Option<tonic::Streaming<console_api::instrument::Update>> {
+        let endpoint = tonic::transport::Endpoint::from_shared(local_uri(addr)).ok()?;
         let channel = tokio::time::timeout(Duration::from_secs(5), endpoint.connect())
             .await
             .ok()?
@@ -325,24 +315,45 @@ impl DropCounter {
             .map(tonic::Response::into_inner)
     }
 
-    fn report(&self, dropped: u64, total: u64, counting: bool) {
-        let (severity, body) = if dropped > 0 {
+    fn report(&self, dropped: &Dropped, before: Refused, now: Refused, counting: bool) {
+        let tasks = now.tasks.saturating_sub(before.tasks);
+        let resources = now.resources.saturating_sub(before.resources);
+        let mut missed = Vec::new();
+        if tasks > 0 || resources > 0 {
+            missed.push(format!(
+                "did not record {tasks} tasks and {resources} resources (it holds at most {} of each, live or completed within its retention: KMS_DIAG_CONSOLE_MAX_TASKS)",
+                self.max_tasks
+            ));
+        }
+        if dropped.since_report > 0 {
+            missed.push(format!(
+                "dropped {} events (event buffer {}: KMS_DIAG_CONSOLE_EVENT_BUFFER)",
+                dropped.since_report, self.event_buffer
+            ));
+        }
+        let (severity, body) = if missed.is_empty() {
+            (Severity::Info, "Console buffer sample.".to_owned())
+        } else {
             (
                 Severity::Warn,
                 format!(
-                    "The console dropped {dropped} events in the last {:?} (event buffer {}): tokio-console may miss tasks, wakes or polls.",
-                    self.interval, self.event_buffer
+                    "In the last {:?} the console {}: tokio-console may miss tasks, wakes or polls.",
+                    self.interval,
+                    missed.join(" and ")
                 ),
             )
-        } else {
-            (Severity::Info, "Console buffer sample.".to_owned())
         };
         self.sink.emit(
             DiagEvent::new("kms.console", severity, body)
-                .attr("console.dropped_events", dropped)
-                .attr("console.dropped_events_total", total)
+                .attr("console.dropped_events", dropped.since_report)
+                .attr("console.dropped_events_total", dropped.total)
                 .attr("console.event_buffer", self.event_buffer)
-                .attr("console.counting", counting),
+                .attr("console.counting", counting)
+                .attr("console.refused_tasks", tasks)
+                .attr("console.refused_tasks_total", now.tasks)
+                .attr("console.refused_resources", resources)
+                .attr("console.refused_resources_total", now.resources)
+                .attr("console.max_tasks", self.max_tasks),
         );
     }
 }
@@ -350,111 +361,14 @@ impl DropCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tracing::callsite::{Callsite, Identifier};
-    use tracing::field::FieldSet;
-    use tracing::metadata::Kind;
-    use tracing::{Level, Metadata};
-
-    struct TestCallsite;
-    static CALLSITE: TestCallsite = TestCallsite;
-    impl Callsite for TestCallsite {
-        fn set_interest(&self, _: tracing::subscriber::Interest) {}
-        fn metadata(&self) -> &Metadata<'_> {
-            unreachable!("only its identity is used")
-        }
-    }
-
-    fn meta(
-        name: &'static str,
-        target: &'static str,
-        module: &'static str,
-        kind: Kind,
-    ) -> Metadata<'static> {
-        Metadata::new(
-            name,
-            target,
-            Level::TRACE,
-            None,
-            None,
-            Some(module),
-            FieldSet::new(&[], Identifier(&CALLSITE)),
-            kind,
-        )
-    }
-
-    #[test]
-    fn the_console_sees_tokio_only_and_timers_only_when_asked() {
-        let spawn = meta(
-            "runtime.spawn",
-            "tokio::task",
-            "tokio::task::spawn",
-            Kind::SPAN,
-        );
-        let waker = meta(
-            "event",
-            "tokio::task::waker",
-            "tokio::runtime::task::waker",
-            Kind::EVENT,
-        );
-        let mutex = meta(
-            "runtime.resource",
-            "tokio::sync::mutex",
-            "tokio::sync::mutex",
-            Kind::SPAN,
-        );
-        let mutex_op = meta(
-            "event",
-            "runtime::resource::poll_op",
-            "tokio::sync::mutex",
-            Kind::EVENT,
-        );
-        let sleep = meta(
-            "runtime.resource",
-            "tokio::time::sleep",
-            "tokio::time::sleep",
-            Kind::SPAN,
-        );
-        let sleep_state = meta(
-            "event",
-            "runtime::resource::state_update",
-            "tokio::time::sleep",
-            Kind::EVENT,
-        );
-        let app = meta(
-            "kms.request",
-            "instrumented_kms::rpc",
-            "instrumented_kms::rpc",
-            Kind::SPAN,
-        );
-        let app_event = meta(
-            "event",
-            "dstack_kms",
-            "dstack_kms::main_service",
-            Kind::EVENT,
-        );
-        for m in [&spawn, &waker, &mutex, &mutex_op] {
-            assert!(console_filter(m, false), "{}", m.target());
-            assert!(console_filter(m, true), "{}", m.target());
-        }
-        for m in [&sleep, &sleep_state] {
-            assert!(!console_filter(m, false), "{}", m.target());
-            assert!(console_filter(m, true), "{}", m.target());
-        }
-        for m in [&app, &app_event] {
-            assert!(!console_filter(m, false), "{}", m.target());
-            assert!(!console_filter(m, true), "{}", m.target());
-        }
-    }
 
     #[test]
     fn unspecified_tcp_binds_are_reached_on_loopback() {
         let any: SocketAddr = "0.0.0.0:6669".parse().unwrap();
-        assert_eq!(DropTarget::Tcp(any).uri(), "http://127.0.0.1:6669");
+        assert_eq!(local_uri(any), "http://127.0.0.1:6669");
         let v6: SocketAddr = "[::]:6669".parse().unwrap();
-        assert_eq!(DropTarget::Tcp(v6).uri(), "http://[::1]:6669");
-        assert_eq!(
-            DropTarget::Unix("/run/kms/console.sock".into()).uri(),
-            "unix:/run/kms/console.sock"
-        );
+        assert_eq!(local_uri(v6), "http://[::1]:6669");
+        let given: SocketAddr = "127.0.0.2:6669".parse().unwrap();
+        assert_eq!(local_uri(given), "http://127.0.0.2:6669");
     }
 }
