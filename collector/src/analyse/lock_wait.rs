@@ -99,6 +99,65 @@ pub struct LockWaitFindings {
     pub waits_below_threshold: usize,
     /// Tasks console flags with `lost-waker`.
     pub lost_waker_tasks: Vec<i64>,
+    /// What the KMS's console did not record in the window, from its
+    /// `kms.console` reports: its view of tasks and locks is partial when
+    /// any of these is above zero.
+    pub console_gaps: ConsoleGaps,
+}
+
+/// Tasks, resources and events the KMS's console left out (`kms.console`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ConsoleGaps {
+    /// Tasks not recorded because the console held its maximum
+    /// (`KMS_DIAG_CONSOLE_MAX_TASKS`).
+    pub refused_tasks: i64,
+    /// Resources (locks, semaphores, channels) not recorded, likewise.
+    pub refused_resources: i64,
+    /// Events dropped from the console's full event buffer (spawns, polls,
+    /// wakes).
+    pub dropped_events: i64,
+}
+
+impl ConsoleGaps {
+    /// Adds up the `kms.console` reports of a window.
+    fn from_reports(reports: &[crate::store::EventRow]) -> Self {
+        let sum = |key| {
+            reports
+                .iter()
+                .filter_map(|e| i64_of(&e.attributes, key))
+                .map(|n| n.max(0))
+                .fold(0i64, i64::saturating_add)
+        };
+        Self {
+            refused_tasks: sum("console.refused_tasks"),
+            refused_resources: sum("console.refused_resources"),
+            dropped_events: sum("console.dropped_events"),
+        }
+    }
+
+    /// True when the console recorded everything it was sent.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// What was left out, as a clause ("did not record 30 tasks, dropped 12
+    /// events"), or `None` when nothing was.
+    pub fn describe(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.refused_tasks > 0 || self.refused_resources > 0 {
+            parts.push(format!(
+                "did not record {} tasks and {} resources (its cap, KMS_DIAG_CONSOLE_MAX_TASKS, was reached)",
+                self.refused_tasks, self.refused_resources
+            ));
+        }
+        if self.dropped_events > 0 {
+            parts.push(format!(
+                "dropped {} events from its full buffer",
+                self.dropped_events
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join(" and "))
+    }
 }
 
 /// The pass.
@@ -168,6 +227,7 @@ impl Pass for LockWaitPass {
         let mut f = LockWaitFindings {
             console_snapshots: times.len(),
             threshold_ms,
+            console_gaps: ConsoleGaps::from_reports(&cx.reader.events("kms.console", cx.window)?),
             ..LockWaitFindings::default()
         };
         let Some(&latest) = times.last() else {

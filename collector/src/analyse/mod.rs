@@ -42,7 +42,7 @@ mod worker_cpu;
 pub use connections::ConnectionFindings;
 pub use deadlock::{DeadlockCycle, DeadlockFindings, DeadlockThread};
 pub use evidence::{fmt_time, Evidence, Hypothesis, Verdict, HYPOTHESES};
-pub use lock_wait::{LockWait, LockWaitFindings};
+pub use lock_wait::{ConsoleGaps, LockWait, LockWaitFindings};
 pub use memory::MemoryFindings;
 pub use probe::{FailureWindow, ProbeEpisode, ProbeSummary};
 pub use requests::{Fate, QueuedBehind, RequestCounts, RequestFindings, WaitLocation};

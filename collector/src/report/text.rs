@@ -104,6 +104,12 @@ pub fn render_text(report: &Report) -> String {
             r.completed, r.failed, r.cancelled, r.open
         );
     }
+    if let Some(gap) = report.findings.lock_wait.console_gaps.describe() {
+        let _ = writeln!(
+            o,
+            "  console  the KMS's tokio-console {gap}: its view of tasks and locks is partial"
+        );
+    }
     if !report.wait_locations.is_empty() {
         let _ = writeln!(o, "\nWhere requests wait");
         let _ = writeln!(

@@ -831,8 +831,12 @@ impl Rule for IdleInHandler {
                 .to_owned()
         } else if lw.waits.is_empty() {
             format!(
-                "tokio-console ({} live tasks) shows no task waiting on a lock and no lost waker",
-                lw.live_tasks
+                "tokio-console ({} live tasks) shows no task waiting on a lock and no lost waker{}",
+                lw.live_tasks,
+                lw.console_gaps
+                    .describe()
+                    .map(|gap| format!(", but its view is partial: it {gap}"))
+                    .unwrap_or_default()
             )
         } else if !lw.cycle_suspected && in_io > 0 {
             format!(
