@@ -17,7 +17,8 @@
 //! Every report line: the twin's RSS and open fds (read from `/proc/PID`),
 //! its export queue (`export.queued`, `export.in_flight` and the drop
 //! totals the twin reports on `kms.process`), the events its console dropped
-//! (`kms.console`), and the load's answered and failed calls. At the end:
+//! and the tasks it did not record past its cap (`kms.console`), and the
+//! load's answered and failed calls. At the end:
 //! RSS growth and fd growth from the end of warm-up to the end.
 //!
 //! Environment: `SOAK_MINUTES` (default 10; the first argument wins),
@@ -209,7 +210,7 @@ async fn soak(plan: Plan) -> anyhow::Result<()> {
         dir.display()
     );
     println!(
-        "{:>6} {:>8} {:>5} {:>7} {:>9} {:>10} {:>11} {:>9} {:>9} {:>8} {:>7}",
+        "{:>6} {:>8} {:>5} {:>7} {:>9} {:>10} {:>11} {:>9} {:>11} {:>9} {:>8} {:>7}",
         "min",
         "RSS MB",
         "fds",
@@ -218,6 +219,7 @@ async fn soak(plan: Plan) -> anyhow::Result<()> {
         "span drops",
         "event drops",
         "con.drop",
+        "con.refused",
         "answered",
         "failed",
         "req/s"
@@ -243,7 +245,7 @@ async fn soak(plan: Plan) -> anyhow::Result<()> {
             fds: open_fds(pid).unwrap_or(0),
         };
         let db2 = db.clone();
-        let (queued, in_flight, span_drops, event_drops, console_drops) =
+        let (queued, in_flight, span_drops, event_drops, console_drops, console_refused) =
             tokio::task::spawn_blocking(move || {
                 (
                     newest(&db2, "kms.process", "export.queued"),
@@ -251,6 +253,7 @@ async fn soak(plan: Plan) -> anyhow::Result<()> {
                     newest(&db2, "kms.process", "export.dropped_spans_total"),
                     newest(&db2, "kms.process", "export.dropped_events_total"),
                     newest(&db2, "kms.console", "console.dropped_events_total"),
+                    newest(&db2, "kms.console", "console.refused_tasks_total"),
                 )
             })
             .await?;
@@ -260,7 +263,7 @@ async fn soak(plan: Plan) -> anyhow::Result<()> {
         last_at = at;
         let show = |v: Option<i64>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
         println!(
-            "{:>6.1} {:>8.1} {:>5} {:>7} {:>9} {:>10} {:>11} {:>9} {:>9} {:>8} {:>7.0}",
+            "{:>6.1} {:>8.1} {:>5} {:>7} {:>9} {:>10} {:>11} {:>9} {:>11} {:>9} {:>8} {:>7.0}",
             at.as_secs_f64() / 60.0,
             sample.rss_kb as f64 / 1024.0,
             sample.fds,
@@ -269,6 +272,7 @@ async fn soak(plan: Plan) -> anyhow::Result<()> {
             show(span_drops),
             show(event_drops),
             show(console_drops),
+            show(console_refused),
             ok,
             timed_out + failed,
             rate
