@@ -1,8 +1,9 @@
-//! The store's schema on a real file: a store written by the previous schema
-//! (version 1, kept as `store_fixtures/schema_v1.sql`) is refused with both
-//! versions named and left untouched; version 2 keeps ids as BLOBs, one
-//! `resources` row per producer, and shows version 1's columns through the
-//! `spans` view.
+//! The store's schema on a real file: a store written by an earlier schema
+//! (versions 1 and 2, kept as `store_fixtures/schema_v1.sql` and
+//! `schema_v2.sql`) is refused with both versions named and left untouched;
+//! version 3 keeps ids as BLOBs, one `resources` row per producer, one
+//! `operations` row per service and span name, and shows version 1's
+//! columns through the `spans` view.
 
 use std::path::Path;
 use std::process::Command;
@@ -14,17 +15,26 @@ use kms_collector::store::{
 use rusqlite::{params, Connection};
 use serde_json::json;
 
-const SCHEMA_V1: &str = include_str!("store_fixtures/schema_v1.sql");
+/// The schemas of earlier collectors, by version.
+const EARLIER: [(i64, &str); 2] = [
+    (1, include_str!("store_fixtures/schema_v1.sql")),
+    (2, include_str!("store_fixtures/schema_v2.sql")),
+];
 
-/// A store file as collector version 1 left it: its pragmas, its schema,
-/// one span row with hex ids and the resource JSON inline.
-fn write_v1_store(path: &Path) {
-    let conn = Connection::open(path).expect("create v1 store");
+/// A store file as the collector of `version` left it: its pragmas, its
+/// schema, one span row (written through `spans`, a table in version 1 and
+/// a view with an insert trigger in version 2).
+fn write_earlier_store(path: &Path, version: i64, schema: &str) {
+    let conn = Connection::open(path).expect("create an earlier store");
     conn.execute_batch(
         "PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;",
     )
-    .expect("v1 pragmas");
-    conn.execute_batch(SCHEMA_V1).expect("v1 schema");
+    .expect("earlier pragmas");
+    conn.execute_batch(schema).expect("earlier schema");
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(found, version, "the fixture is not version {version}");
     conn.execute(
         "INSERT INTO spans (trace_id, span_id, name, kind, service, scope, start_ns, end_ns, \
          attributes, resource, received_ns) VALUES ('4bf92f3577b34da6a3ce929d0e0e4736', \
@@ -32,90 +42,83 @@ fn write_v1_store(path: &Path) {
          '{\"rpc.method\":\"GetMeta\"}', '{\"service.name\":\"dstack-kms\"}', 3)",
         [],
     )
-    .expect("v1 span");
+    .expect("earlier span");
 }
 
-fn version_and_spans(path: &Path) -> (i64, i64, Option<String>) {
+/// The file's version, its spans, its objects and their SQL: what must not
+/// change when a collector refuses it.
+fn fingerprint(path: &Path) -> (i64, i64, Vec<(String, Option<String>)>) {
     let conn = Connection::open(path).expect("reopen");
     let version = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
     let spans = conn
         .query_row("SELECT COUNT(*) FROM spans", [], |r| r.get(0))
-        .expect("v1 spans table");
-    let kind = conn
-        .query_row(
-            "SELECT type FROM sqlite_master WHERE name = 'spans'",
-            [],
-            |r| r.get(0),
-        )
-        .ok();
-    (version, spans, kind)
+        .expect("earlier spans");
+    let mut stmt = conn
+        .prepare("SELECT name, sql FROM sqlite_master ORDER BY name")
+        .expect("schema");
+    let objects = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("schema rows")
+        .collect::<Result<_, _>>()
+        .expect("schema rows");
+    (version, spans, objects)
 }
 
 #[test]
-fn a_version_1_store_is_refused_by_name_and_left_as_it_was() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("kms-diag.sqlite");
-    write_v1_store(&path);
-    assert_eq!(SCHEMA_VERSION, 2);
+fn earlier_stores_are_refused_by_name_and_left_as_they_were() {
+    assert_eq!(SCHEMA_VERSION, 3);
+    for (version, schema) in EARLIER {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("kms-diag.sqlite");
+        write_earlier_store(&path, version, schema);
+        let before = fingerprint(&path);
+        assert_eq!(before.1, 1);
+        let named =
+            |text: &str| text.contains(&format!("version {version}")) && text.contains("version 3");
 
-    let err = SqliteStore::open(&path).expect_err("a v1 store opened for writing");
-    assert!(
-        matches!(
-            err,
-            StoreError::SchemaTooOld {
-                found: 1,
-                expected: 2
-            }
-        ),
-        "{err:?}"
-    );
-    let text = err.to_string();
-    assert!(
-        text.contains("version 1") && text.contains("version 2"),
-        "{text}"
-    );
+        let err = SqliteStore::open(&path).expect_err("an earlier store opened for writing");
+        assert!(
+            matches!(err, StoreError::SchemaTooOld { found, expected: 3 } if found == version),
+            "{err:?}"
+        );
+        assert!(named(&err.to_string()), "{err}");
 
-    let err = SqliteReader::open(&path).expect_err("a v1 store opened for reading");
-    assert!(
-        matches!(
-            err,
-            ReadError::SchemaVersion {
-                found: 1,
-                expected: 2,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    let text = err.to_string();
-    assert!(
-        text.contains("version 1")
-            && text.contains("version 2")
-            && text.contains("kms-diag.sqlite"),
-        "{text}"
-    );
+        let err = SqliteReader::open(&path).expect_err("an earlier store opened for reading");
+        assert!(
+            matches!(
+                err,
+                ReadError::SchemaVersion { found, expected: 3, .. } if found == version
+            ),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(named(&text) && text.contains("kms-diag.sqlite"), "{text}");
 
-    // The commands say the same and exit non-zero.
-    let out = Command::new(env!("CARGO_BIN_EXE_kms-collector"))
-        .args(["report", "--db"])
-        .arg(&path)
-        .output()
-        .expect("run report");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success()
-            && stderr.contains("schema version 1")
-            && stderr.contains("version 2"),
-        "{stderr}"
-    );
+        // The commands say the same and exit non-zero.
+        for command in [
+            &["report", "--db"][..],
+            &["export", "--format", "otlp-json", "--db"],
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_kms-collector"))
+                .args(command)
+                .arg(&path)
+                .output()
+                .expect("run the command");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && named(&stderr),
+                "{command:?}: {stderr}"
+            );
+        }
 
-    assert_eq!(
-        version_and_spans(&path),
-        (1, 1, Some("table".into())),
-        "the v1 file was changed"
-    );
+        assert_eq!(
+            fingerprint(&path),
+            before,
+            "the version {version} file was changed"
+        );
+    }
 }
 
 fn span(trace: u8, id: u8, parent: Option<u8>, pid: i64) -> SpanRow {
@@ -141,7 +144,7 @@ fn span(trace: u8, id: u8, parent: Option<u8>, pid: i64) -> SpanRow {
 }
 
 #[test]
-fn spans_keep_blob_ids_and_share_their_producer_row() {
+fn spans_keep_blob_ids_and_share_their_producer_and_operation_rows() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("kms-diag.sqlite");
     let mut store = SqliteStore::open(&path).expect("open");
@@ -149,7 +152,10 @@ fn spans_keep_blob_ids_and_share_their_producer_row() {
         spans: vec![
             span(1, 1, None, 7),
             span(1, 2, Some(1), 7),
-            span(2, 3, None, 7),
+            SpanRow {
+                name: "kms.outbound".into(),
+                ..span(2, 3, None, 7)
+            },
             span(3, 4, None, 8),
         ],
         ..Batch::default()
@@ -166,13 +172,19 @@ fn spans_keep_blob_ids_and_share_their_producer_row() {
         2,
         "one row per producer"
     );
+    assert_eq!(
+        q("SELECT COUNT(*) FROM operations"),
+        2,
+        "one row per service and span name"
+    );
     assert_eq!(q("SELECT COUNT(*) FROM span_rows"), 4);
     assert_eq!(
         q("SELECT COUNT(*) FROM span_rows WHERE typeof(trace_id) = 'blob' AND length(trace_id) = 16 \
            AND typeof(span_id) = 'blob' AND length(span_id) = 8"),
         4
     );
-    // The view reads as version 1 did: lowercase hex, resource JSON.
+    // The view reads as version 1 did: lowercase hex, name and service as
+    // text, resource JSON.
     let (trace, span_id, parent, resource): (String, String, String, String) = conn
         .query_row(
             "SELECT trace_id, span_id, parent_span_id, resource FROM spans WHERE parent_span_id IS NOT NULL",
@@ -180,6 +192,10 @@ fn spans_keep_blob_ids_and_share_their_producer_row() {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .expect("view");
+    assert_eq!(
+        q("SELECT COUNT(*) FROM spans WHERE name = 'kms.outbound' AND service = 'dstack-kms'"),
+        1
+    );
     assert_eq!(trace, format!("01{}", "ab".repeat(15)));
     assert_eq!(span_id, format!("02{}", "cd".repeat(7)));
     assert_eq!(parent, format!("01{}", "cd".repeat(7)));
@@ -198,6 +214,8 @@ fn spans_keep_blob_ids_and_share_their_producer_row() {
     assert_eq!(trace[1].scope.as_deref(), Some("instrumented-kms"));
     let all = reader.spans(TimeWindow::ALL, 10).expect("spans");
     assert_eq!(all[3].resource["process.pid"], 8);
+    assert_eq!(all[2].name, "kms.outbound");
+    assert_eq!(all[2].service.as_deref(), Some("dstack-kms"));
     assert!(reader.trace("not hex").expect("trace").is_empty());
 }
 
@@ -222,6 +240,38 @@ fn a_hand_made_span_id_that_is_not_hex_fails_the_whole_write() {
         .query_row("SELECT COUNT(*) FROM span_rows", [], |r| r.get(0))
         .expect("count");
     assert_eq!(n, 0, "part of a failed write was stored");
+
+    // A write that added an operation row and then failed: the store must
+    // not keep the rolled-back row's id for the next write.
+    let new_name = SpanRow {
+        name: "kms.new".into(),
+        ..span(1, 1, None, 7)
+    };
+    let mut bad = span(9, 9, None, 7);
+    bad.trace_id = "not hex".into();
+    store
+        .write(&[
+            Record::Batch(Batch {
+                spans: vec![new_name.clone()],
+                ..Batch::default()
+            }),
+            Record::Batch(Batch {
+                spans: vec![bad],
+                ..Batch::default()
+            }),
+        ])
+        .expect_err("a trace id that is not hex was stored");
+    store
+        .write(&[Record::Batch(Batch {
+            spans: vec![new_name],
+            ..Batch::default()
+        })])
+        .expect("write");
+    let names: String = store
+        .connection()
+        .query_row("SELECT group_concat(name) FROM spans", [], |r| r.get(0))
+        .expect("names");
+    assert_eq!(names, "kms.new", "the span lost its operation");
 }
 
 #[test]
@@ -253,8 +303,9 @@ fn rows_inserted_into_the_view_follow_the_merge_rule() {
     insert(false, None, 25);
     insert(true, Some(3), 40);
     assert_eq!(stored(), (0, 25), "a snapshot replaced the closed span");
-    let resources: i64 = conn
-        .query_row("SELECT COUNT(*) FROM resources", [], |r| r.get(0))
-        .expect("count");
-    assert_eq!(resources, 1);
+    let rows = |table: &str| -> i64 {
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .expect("count")
+    };
+    assert_eq!((rows("resources"), rows("operations")), (1, 1));
 }

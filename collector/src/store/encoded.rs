@@ -108,7 +108,8 @@ impl rusqlite::ToSql for RawId {
 
 /// A [`SpanRow`] with its ids as bytes and its JSON columns as text. The
 /// resource is its JSON text: the store turns it (with `service` and
-/// `scope`) into a `resources` row id.
+/// `scope`) into a `resources` row id, and `service` and `name` into an
+/// `operations` row id.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct EncodedSpan {
     pub(crate) trace_id: RawId,

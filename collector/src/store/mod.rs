@@ -3,6 +3,7 @@
 //! The schema is `schema.sql` (documented for operators in `docs/schema.md`).
 
 pub(crate) mod encoded;
+mod known;
 mod model;
 mod reader;
 mod search;

@@ -186,12 +186,13 @@ pub struct SqliteReader {
     conn: Connection,
 }
 
-/// A span with its producer, as [`span_row`] reads it; queries add
-/// `WHERE` clauses on `s` (`span_rows`).
-const SPAN_SELECT: &str = "SELECT s.trace_id, s.span_id, s.parent_span_id, s.name, s.kind, \
-     s.service, s.resource_id, s.start_ns, s.end_ns, s.status_code, s.status_message, \
+/// A span with its operation and producer, as [`span_row`] reads it;
+/// queries add `WHERE` clauses on `s` (`span_rows`).
+const SPAN_SELECT: &str = "SELECT s.trace_id, s.span_id, s.parent_span_id, o.name, s.kind, \
+     o.service, s.resource_id, s.start_ns, s.end_ns, s.status_code, s.status_message, \
      s.incomplete, s.snapshot_seq, s.attributes, s.events, s.received_ns, r.scope, \
-     r.attributes FROM span_rows s LEFT JOIN resources r ON r.id = s.resource_id";
+     r.attributes FROM span_rows s JOIN operations o ON o.id = s.operation_id \
+     LEFT JOIN resources r ON r.id = s.resource_id";
 
 const EVENT_COLUMNS: &str =
     "time_ns, name, severity, trace_id, span_id, service, body, attributes, received_ns";
@@ -433,7 +434,8 @@ impl Reader for SqliteReader {
         limit: usize,
     ) -> Result<Vec<SpanRow>, ReadError> {
         let sql = format!(
-            "{SPAN_SELECT} WHERE s.start_ns BETWEEN ?1 AND ?2 AND s.name = ?3 \
+            "{SPAN_SELECT} WHERE s.start_ns BETWEEN ?1 AND ?2 \
+             AND s.operation_id IN (SELECT id FROM operations WHERE name = ?3) \
              ORDER BY s.start_ns, s.trace_id, s.span_id LIMIT ?4"
         );
         query_spans(
@@ -445,7 +447,8 @@ impl Reader for SqliteReader {
 
     fn count_spans_started(&self, window: TimeWindow, name: &str) -> Result<u64, ReadError> {
         let n: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM span_rows WHERE start_ns BETWEEN ?1 AND ?2 AND name = ?3",
+            "SELECT COUNT(*) FROM span_rows WHERE start_ns BETWEEN ?1 AND ?2 \
+             AND operation_id IN (SELECT id FROM operations WHERE name = ?3)",
             params![window.from_ns, window.to_ns, name],
             |r| r.get(0),
         )?;

@@ -1,13 +1,16 @@
--- kms-collector SQLite schema (version 2).
+-- kms-collector SQLite schema (version 3).
 -- Times are Unix nanoseconds (INTEGER); attributes are JSON objects (TEXT) so
 -- `json_extract(attributes, '$."kms.peer"')` works. Span ids are stored as
--- BLOBs (16-byte trace ids, 8-byte span ids) and each span points at its
--- producer's row in `resources`; the `spans` view shows them as version 1
--- did (lowercase hex ids, resource JSON). Other tables keep ids as hex TEXT.
--- Documented for operators in docs/schema.md. Opened in WAL mode.
--- Version 1 kept ids as hex TEXT and the resource JSON in every span row.
+-- BLOBs (16-byte trace ids, 8-byte span ids); each span points at its
+-- producer's row in `resources` and at its service and name's row in
+-- `operations`. The `spans` view shows them as version 1 did (lowercase hex
+-- ids, name and service as text, resource JSON). Other tables keep ids as
+-- hex TEXT. Documented for operators in docs/schema.md. Opened in WAL mode.
+-- Version 1 kept ids as hex TEXT and the resource JSON in every span row;
+-- version 2 kept each span's service and name as text in its row and in
+-- three search indexes.
 
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;
 
 -- One row per producer: a resource (its attributes as a JSON object) and the
 -- instrumentation scope its spans came in, as one ResourceSpans/ScopeSpans
@@ -20,6 +23,16 @@ CREATE TABLE IF NOT EXISTS resources (
     attributes      TEXT    NOT NULL DEFAULT '{}'
 );
 
+-- One row per service and span name (Jaeger's operation): what trace
+-- search looks spans up by. Written once, referenced by every span of that
+-- name; retention leaves these few rows in place.
+CREATE TABLE IF NOT EXISTS operations (
+    id              INTEGER PRIMARY KEY,
+    service         TEXT,                         -- resource service.name
+    name            TEXT    NOT NULL,             -- span name
+    UNIQUE (service, name)
+);
+
 -- Spans, closed ones and open-span snapshots merged by (trace_id, span_id):
 -- a closed span (incomplete = 0) replaces a snapshot; a snapshot never replaces
 -- a closed span; a newer snapshot replaces an older one.
@@ -27,9 +40,8 @@ CREATE TABLE IF NOT EXISTS span_rows (
     trace_id        BLOB    NOT NULL,             -- 16 bytes
     span_id         BLOB    NOT NULL,             -- 8 bytes
     parent_span_id  BLOB,                         -- 8 bytes
-    name            TEXT    NOT NULL,
+    operation_id    INTEGER NOT NULL,             -- operations.id: service and name
     kind            INTEGER NOT NULL DEFAULT 0,   -- OTLP SpanKind
-    service         TEXT,                         -- resource service.name (for the search indexes)
     resource_id     INTEGER,                      -- resources.id
     start_ns        INTEGER NOT NULL,
     end_ns          INTEGER NOT NULL,             -- snapshot time while incomplete
@@ -42,44 +54,52 @@ CREATE TABLE IF NOT EXISTS span_rows (
     received_ns     INTEGER NOT NULL,
     PRIMARY KEY (trace_id, span_id)
 );
+-- Time windows (the report, `export`, service links), open spans, retention.
 CREATE INDEX IF NOT EXISTS spans_start ON span_rows(start_ns);
 CREATE INDEX IF NOT EXISTS spans_incomplete ON span_rows(incomplete) WHERE incomplete = 1;
 CREATE INDEX IF NOT EXISTS spans_received ON span_rows(received_ns);
 -- Trace search (Reader::services, operations, find_traces; what
 -- `serve --jaeger-storage` answers Jaeger's searches from): newest first per
--- service, per service and operation, and by duration (snapshots: open so far).
-CREATE INDEX IF NOT EXISTS spans_service_start ON span_rows(service, start_ns);
-CREATE INDEX IF NOT EXISTS spans_service_name_start ON span_rows(service, name, start_ns);
-CREATE INDEX IF NOT EXISTS spans_service_name_duration ON span_rows(service, name, (end_ns - start_ns));
+-- operation, and by duration (snapshots: open so far). A search by service
+-- alone merges the walks of that service's operations.
+CREATE INDEX IF NOT EXISTS spans_operation_start ON span_rows(operation_id, start_ns);
+CREATE INDEX IF NOT EXISTS spans_operation_duration ON span_rows(operation_id, (end_ns - start_ns));
 
 -- The spans as version 1 stored them, for `sqlite3` and older queries: ids
--- as lowercase hex, the producer's service, scope and resource JSON. Reading
--- through it costs a hex conversion per row: to find one trace in a large
--- store, ask `span_rows` for the BLOB (`WHERE trace_id = x'4bf9…'`).
+-- as lowercase hex, name and service as text, the producer's scope and
+-- resource JSON. Reading through it costs a hex conversion per row: to find
+-- one trace in a large store, ask `span_rows` for the BLOB
+-- (`WHERE trace_id = x'4bf9…'`).
 CREATE VIEW IF NOT EXISTS spans AS
 SELECT lower(hex(s.trace_id))                    AS trace_id,
        lower(hex(s.span_id))                     AS span_id,
        nullif(lower(hex(s.parent_span_id)), '')  AS parent_span_id,
-       s.name, s.kind, s.service, r.scope, s.start_ns, s.end_ns, s.status_code,
+       o.name, s.kind, o.service, r.scope, s.start_ns, s.end_ns, s.status_code,
        s.status_message, s.incomplete, s.snapshot_seq, s.attributes, s.events,
        COALESCE(r.attributes, '{}')              AS resource,
        s.received_ns
-FROM span_rows s LEFT JOIN resources r ON r.id = s.resource_id;
+FROM span_rows s JOIN operations o ON o.id = s.operation_id
+     LEFT JOIN resources r ON r.id = s.resource_id;
 
 -- Inserting into the view stores a span as the collector would (hex ids
--- decoded, the resource row found or added, the merge rule applied): for
--- tools and test fixtures that write rows by hand.
+-- decoded, the resource and operation rows found or added, the merge rule
+-- applied): for tools and test fixtures that write rows by hand.
 CREATE TRIGGER IF NOT EXISTS spans_insert INSTEAD OF INSERT ON spans
 BEGIN
     INSERT INTO resources (service, scope, attributes)
     SELECT NEW.service, NEW.scope, COALESCE(NEW.resource, '{}')
     WHERE NOT EXISTS (SELECT 1 FROM resources WHERE service IS NEW.service
                       AND scope IS NEW.scope AND attributes = COALESCE(NEW.resource, '{}'));
-    INSERT INTO span_rows (trace_id, span_id, parent_span_id, name, kind, service, resource_id,
+    INSERT INTO operations (service, name)
+    SELECT NEW.service, NEW.name
+    WHERE NOT EXISTS (SELECT 1 FROM operations WHERE service IS NEW.service
+                      AND name = NEW.name);
+    INSERT INTO span_rows (trace_id, span_id, parent_span_id, operation_id, kind, resource_id,
                            start_ns, end_ns, status_code, status_message, incomplete,
                            snapshot_seq, attributes, events, received_ns)
-    SELECT unhex(NEW.trace_id), unhex(NEW.span_id), unhex(NEW.parent_span_id), NEW.name,
-           COALESCE(NEW.kind, 0), NEW.service,
+    SELECT unhex(NEW.trace_id), unhex(NEW.span_id), unhex(NEW.parent_span_id),
+           (SELECT id FROM operations WHERE service IS NEW.service AND name = NEW.name),
+           COALESCE(NEW.kind, 0),
            (SELECT id FROM resources WHERE service IS NEW.service AND scope IS NEW.scope
                    AND attributes = COALESCE(NEW.resource, '{}')),
            NEW.start_ns, NEW.end_ns, COALESCE(NEW.status_code, 0), NEW.status_message,
@@ -87,8 +107,8 @@ BEGIN
            COALESCE(NEW.events, '[]'), NEW.received_ns
     WHERE true
     ON CONFLICT (trace_id, span_id) DO UPDATE SET
-        parent_span_id = excluded.parent_span_id, name = excluded.name, kind = excluded.kind,
-        service = excluded.service, resource_id = excluded.resource_id,
+        parent_span_id = excluded.parent_span_id, operation_id = excluded.operation_id,
+        kind = excluded.kind, resource_id = excluded.resource_id,
         start_ns = excluded.start_ns, end_ns = excluded.end_ns,
         status_code = excluded.status_code, status_message = excluded.status_message,
         incomplete = excluded.incomplete, snapshot_seq = excluded.snapshot_seq,

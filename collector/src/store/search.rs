@@ -3,18 +3,18 @@
 //! time range, service links). The [`Reader`](super::Reader) methods that
 //! answer them are implemented here for SQLite.
 //!
-//! Each query is answered from an index on `span_rows` (`schema.sql`:
-//! `spans_service_start`, `spans_service_name_start`,
-//! `spans_service_name_duration`), never by scanning the table: the distinct
-//! services and operations by skipping through the index, a search by
-//! walking the matching index range newest first until enough traces are
+//! Services and operations are the few rows of `operations` (`schema.sql`)
+//! that still have spans. A search names its service and operation as
+//! operation ids, then walks an index of `span_rows` (`spans_operation_start`,
+//! `spans_operation_duration`), never the whole table: newest first, the
+//! walks of a service's operations merged into one, until enough traces are
 //! found. Attribute conditions other than `incomplete` and `error` are
 //! checked on the rows the index yields.
 
 use std::collections::HashSet;
 
 use rusqlite::types::Value as SqlValue;
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
+use rusqlite::{params, params_from_iter, Connection};
 use serde_json::Value;
 
 use super::encoded::hex;
@@ -62,7 +62,7 @@ pub struct FoundTrace {
 pub struct OperationName {
     /// Span name.
     pub name: String,
-    /// OTLP SpanKind of a span with that name (the first one in the index).
+    /// OTLP SpanKind of the oldest stored span with that name.
     pub kind: i32,
 }
 
@@ -79,41 +79,46 @@ pub struct ServiceLink {
 }
 
 pub(super) fn services(conn: &Connection) -> Result<Vec<String>, ReadError> {
-    // Skip-scan: one index seek per distinct service.
-    let mut stmt = conn.prepare_cached("SELECT MIN(service) FROM span_rows WHERE service > ?1")?;
-    let mut out = Vec::new();
-    let mut after = String::new();
-    while let Some(next) = stmt
-        .query_row(params![after], |r| r.get::<_, Option<String>>(0))
-        .optional()?
-        .flatten()
-    {
-        out.push(next.clone());
-        after = next;
-    }
-    Ok(out)
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT o.service FROM operations o WHERE o.service > '' \
+         AND EXISTS (SELECT 1 FROM span_rows s WHERE s.operation_id = o.id) ORDER BY o.service",
+    )?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 pub(super) fn operations(
     conn: &Connection,
     service: &str,
 ) -> Result<Vec<OperationName>, ReadError> {
+    // The kind of the oldest span; none for an operation without spans.
     let mut stmt = conn.prepare_cached(
-        "SELECT name, kind FROM span_rows WHERE service = ?1 AND name > ?2 \
-         ORDER BY service, name LIMIT 1",
+        "SELECT name, kind FROM (SELECT o.name, (SELECT s.kind FROM span_rows s \
+         WHERE s.operation_id = o.id ORDER BY s.start_ns LIMIT 1) AS kind \
+         FROM operations o WHERE o.service = ?1 AND o.name > '') \
+         WHERE kind IS NOT NULL ORDER BY name",
     )?;
-    let mut out = Vec::new();
-    let mut after = String::new();
-    while let Some((name, kind)) = stmt
-        .query_row(params![service, after], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i32>(1)?))
+    let rows = stmt.query_map(params![service], |r| {
+        Ok(OperationName {
+            name: r.get(0)?,
+            kind: r.get(1)?,
         })
-        .optional()?
-    {
-        after = name.clone();
-        out.push(OperationName { name, kind });
-    }
-    Ok(out)
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The ids of the operations of `service` named `name` (`None`: any).
+fn operation_ids(
+    conn: &Connection,
+    service: Option<&str>,
+    name: Option<&str>,
+) -> Result<Vec<i64>, ReadError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id FROM operations WHERE (?1 IS NULL OR service = ?1) \
+         AND (?2 IS NULL OR name = ?2) ORDER BY id",
+    )?;
+    let rows = stmt.query_map(params![service, name], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// True when the stored `value` reads as the queried `want`.
@@ -137,80 +142,57 @@ pub(super) fn find_traces(conn: &Connection, q: &TraceQuery) -> Result<Vec<Found
     if q.limit == 0 {
         return Ok(Vec::new());
     }
-    let mut sql = String::from("SELECT s.trace_id, s.start_ns, s.end_ns");
-    let mut conds: Vec<&str> = Vec::new();
-    let mut args: Vec<SqlValue> = Vec::new();
-    // `incomplete` and `error` are columns; other attributes are checked on
-    // the rows the index yields.
-    let mut residual: Vec<&(String, Value)> = Vec::new();
-    for kv in &q.attributes {
-        match (kv.0.as_str(), is_true(&kv.1)) {
-            ("incomplete", true) => conds.push("s.incomplete = 1"),
-            ("error", true) => conds.push("(s.status_code = 2 OR s.incomplete = 1)"),
-            _ => residual.push(kv),
-        }
+    // The operations a matching span has (`None`: any).
+    let operations = match (&q.service, &q.operation) {
+        (None, None) => None,
+        (service, name) => Some(operation_ids(conn, service.as_deref(), name.as_deref())?),
+    };
+    if operations.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(Vec::new());
     }
-    if !residual.is_empty() {
-        sql.push_str(", s.attributes, r.attributes");
-    }
-    sql.push_str(" FROM span_rows s");
+    let walk = Walk::new(q);
     let duration = q.duration_min_ns.is_some() || q.duration_max_ns.is_some();
-    // Pick the index. With a service and an operation, a duration bound
-    // walks the duration index when few spans are in the duration range
-    // (counted on the index alone, up to DENSE); when many are, the start
-    // index yields them newest first and the limit is reached early.
-    let index = match (&q.service, &q.operation, duration) {
-        (Some(s), Some(o), true) if few_in_duration(conn, s, o, q)? => {
-            Some("spans_service_name_duration")
+    // Pick the index. A duration bound walks the duration index when few
+    // spans are in the duration range (counted on the index alone, up to
+    // DENSE), and sorts them; when many are, the start index yields them
+    // newest first and the limit is reached early. One walk per operation,
+    // merged newest first (SQLite merges the arms of a UNION ALL that each
+    // come in order), up to MERGED; beyond, the start index of all spans.
+    // Without a service or operation, SQLite picks.
+    let mut sql = String::new();
+    let mut args = Vec::new();
+    match operations.as_deref() {
+        Some(ids) if duration && few_in_duration(conn, ids, q)? => {
+            walk.select(
+                Some("spans_operation_duration"),
+                Some(ids),
+                &mut sql,
+                &mut args,
+            );
+            sql.push_str(" ORDER BY s.start_ns DESC");
         }
-        (Some(_), Some(_), _) => Some("spans_service_name_start"),
-        (Some(_), None, _) => Some("spans_service_start"),
-        _ => None,
-    };
-    let hint_at = sql.len();
-    if !residual.is_empty() {
-        sql.push_str(" LEFT JOIN resources r ON r.id = s.resource_id");
+        Some(ids) if ids.len() <= MERGED => {
+            for (i, id) in ids.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(" UNION ALL ");
+                }
+                let one = std::slice::from_ref(id);
+                walk.select(
+                    Some("spans_operation_start"),
+                    Some(one),
+                    &mut sql,
+                    &mut args,
+                );
+            }
+            sql.push_str(" ORDER BY 2 DESC");
+        }
+        ids => {
+            let index = ids.map(|_| "spans_start");
+            walk.select(index, ids, &mut sql, &mut args);
+            sql.push_str(" ORDER BY s.start_ns DESC");
+        }
     }
-    if let Some(s) = &q.service {
-        conds.push("s.service = ?");
-        args.push(SqlValue::Text(s.clone()));
-    }
-    if let Some(o) = &q.operation {
-        conds.push("s.name = ?");
-        args.push(SqlValue::Text(o.clone()));
-    }
-    if let Some(t) = q.start_min_ns {
-        conds.push("s.start_ns >= ?");
-        args.push(SqlValue::Integer(t));
-    }
-    if let Some(t) = q.start_max_ns {
-        conds.push("s.start_ns <= ?");
-        args.push(SqlValue::Integer(t));
-    }
-    if let Some(d) = q.duration_min_ns {
-        conds.push("s.end_ns - s.start_ns >= ?");
-        args.push(SqlValue::Integer(d));
-    }
-    if let Some(d) = q.duration_max_ns {
-        conds.push("s.end_ns - s.start_ns <= ?");
-        args.push(SqlValue::Integer(d));
-    }
-    if !conds.is_empty() {
-        sql.push_str(" WHERE ");
-        sql.push_str(&conds.join(" AND "));
-    }
-    sql.push_str(" ORDER BY s.start_ns DESC");
-    // A store last opened by an older collector lacks the search indexes:
-    // answer without the hint (slower) rather than fail.
-    let hinted = index.map(|i| {
-        let mut h = sql.clone();
-        h.insert_str(hint_at, &format!(" INDEXED BY {i}"));
-        h
-    });
-    let mut stmt = match hinted.map(|h| conn.prepare(&h)) {
-        Some(Ok(stmt)) => stmt,
-        _ => conn.prepare(&sql)?,
-    };
+    let mut stmt = conn.prepare(&sql)?;
     let mut rows = stmt.query(params_from_iter(args))?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
@@ -222,7 +204,7 @@ pub(super) fn find_traces(conn: &Connection, q: &TraceQuery) -> Result<Vec<Found
         if seen.contains(&trace_id) {
             continue;
         }
-        if !residual.is_empty() {
+        if !walk.residual.is_empty() {
             let attrs = parse(r.get(3)?);
             let resource = parse(r.get(4)?);
             let holds = |(k, want): &&(String, Value)| {
@@ -230,7 +212,7 @@ pub(super) fn find_traces(conn: &Connection, q: &TraceQuery) -> Result<Vec<Found
                     .iter()
                     .any(|m| m.get(k).is_some_and(|v| value_matches(v, want)))
             };
-            if !residual.iter().all(holds) {
+            if !walk.residual.iter().all(holds) {
                 continue;
             }
         }
@@ -247,35 +229,108 @@ pub(super) fn find_traces(conn: &Connection, q: &TraceQuery) -> Result<Vec<Found
     Ok(out)
 }
 
+/// Operations whose walks a search merges, at most.
+const MERGED: usize = 64;
+
+/// The conditions of a search other than its operations, as SQL on `s`
+/// (`span_rows`), and the attribute conditions checked on the rows.
+struct Walk<'q> {
+    conds: Vec<&'static str>,
+    args: Vec<SqlValue>,
+    residual: Vec<&'q (String, Value)>,
+}
+
+impl<'q> Walk<'q> {
+    fn new(q: &'q TraceQuery) -> Self {
+        let mut walk = Walk {
+            conds: Vec::new(),
+            args: Vec::new(),
+            residual: Vec::new(),
+        };
+        // `incomplete` and `error` are columns; other attributes are
+        // checked on the rows the index yields.
+        for kv in &q.attributes {
+            match (kv.0.as_str(), is_true(&kv.1)) {
+                ("incomplete", true) => walk.conds.push("s.incomplete = 1"),
+                ("error", true) => walk.conds.push("(s.status_code = 2 OR s.incomplete = 1)"),
+                _ => walk.residual.push(kv),
+            }
+        }
+        let bounds = [
+            ("s.start_ns >= ?", q.start_min_ns),
+            ("s.start_ns <= ?", q.start_max_ns),
+            ("s.end_ns - s.start_ns >= ?", q.duration_min_ns),
+            ("s.end_ns - s.start_ns <= ?", q.duration_max_ns),
+        ];
+        for (cond, bound) in bounds {
+            if let Some(t) = bound {
+                walk.conds.push(cond);
+                walk.args.push(SqlValue::Integer(t));
+            }
+        }
+        walk
+    }
+
+    /// Appends a SELECT of the matching spans of `operations` (`None`: of
+    /// any) through `index` (`None`: SQLite's choice) to `sql`, and its
+    /// parameters to `args`.
+    fn select(
+        &self,
+        index: Option<&str>,
+        operations: Option<&[i64]>,
+        sql: &mut String,
+        args: &mut Vec<SqlValue>,
+    ) {
+        sql.push_str("SELECT s.trace_id, s.start_ns, s.end_ns");
+        if !self.residual.is_empty() {
+            sql.push_str(", s.attributes, r.attributes");
+        }
+        sql.push_str(" FROM span_rows s");
+        if let Some(index) = index {
+            sql.push_str(" INDEXED BY ");
+            sql.push_str(index);
+        }
+        if !self.residual.is_empty() {
+            sql.push_str(" LEFT JOIN resources r ON r.id = s.resource_id");
+        }
+        let mut conds: Vec<String> = Vec::new();
+        if let Some(ids) = operations {
+            conds.push(format!(
+                "s.operation_id IN ({})",
+                vec!["?"; ids.len()].join(", ")
+            ));
+            args.extend(ids.iter().map(|&id| SqlValue::Integer(id)));
+        }
+        conds.extend(self.conds.iter().map(|&c| c.to_owned()));
+        args.extend(self.args.iter().cloned());
+        if !conds.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conds.join(" AND "));
+        }
+    }
+}
+
 /// Spans in a duration range above which a search walks by start instead.
 const DENSE: i64 = 5_000;
 
-/// True when fewer than [`DENSE`] spans of `service`/`operation` are in the
-/// query's duration range (an index-only count, stopped at `DENSE`).
+/// True when fewer than [`DENSE`] spans of `operations` are in the query's
+/// duration range (an index-only count, stopped at `DENSE`).
 fn few_in_duration(
     conn: &Connection,
-    service: &str,
-    operation: &str,
+    operations: &[i64],
     q: &TraceQuery,
 ) -> Result<bool, ReadError> {
-    let sql =
-        "SELECT COUNT(*) FROM (SELECT 1 FROM span_rows INDEXED BY spans_service_name_duration \
-               WHERE service = ?1 AND name = ?2 AND end_ns - start_ns >= ?3 \
-               AND end_ns - start_ns <= ?4 LIMIT ?5)";
-    let Ok(mut stmt) = conn.prepare_cached(sql) else {
-        // No such index (an older store): the start index it is.
-        return Ok(false);
-    };
-    let n: i64 = stmt.query_row(
-        params![
-            service,
-            operation,
-            q.duration_min_ns.unwrap_or(i64::MIN),
-            q.duration_max_ns.unwrap_or(i64::MAX),
-            DENSE
-        ],
-        |r| r.get(0),
-    )?;
+    let sql = format!(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM span_rows INDEXED BY spans_operation_duration \
+         WHERE operation_id IN ({}) AND end_ns - start_ns >= ? AND end_ns - start_ns <= ? LIMIT ?)",
+        vec!["?"; operations.len()].join(", ")
+    );
+    let args = operations.iter().copied().chain([
+        q.duration_min_ns.unwrap_or(i64::MIN),
+        q.duration_max_ns.unwrap_or(i64::MAX),
+        DENSE,
+    ]);
+    let n: i64 = conn.query_row(&sql, params_from_iter(args), |r| r.get(0))?;
     Ok(n < DENSE)
 }
 
@@ -291,14 +346,17 @@ pub(super) fn service_links(
     // Parent links across services, and outbound calls to uninstrumented
     // peers named by `kms.peer`.
     let mut stmt = conn.prepare_cached(
-        "SELECT p.service, c.service, COUNT(*) FROM span_rows c \
+        "SELECT po.service, co.service, COUNT(*) FROM span_rows c \
+         JOIN operations co ON co.id = c.operation_id \
          JOIN span_rows p ON p.trace_id = c.trace_id AND p.span_id = c.parent_span_id \
-         WHERE c.start_ns BETWEEN ?1 AND ?2 AND p.service IS NOT NULL \
-         AND c.service IS NOT NULL AND p.service != c.service GROUP BY 1, 2 \
+         JOIN operations po ON po.id = p.operation_id \
+         WHERE c.start_ns BETWEEN ?1 AND ?2 AND po.service IS NOT NULL \
+         AND co.service IS NOT NULL AND po.service != co.service GROUP BY 1, 2 \
          UNION ALL \
-         SELECT service, json_extract(attributes, '$.\"kms.peer\"'), COUNT(*) FROM span_rows \
-         WHERE start_ns BETWEEN ?1 AND ?2 AND kind = 3 AND service IS NOT NULL \
-         AND json_extract(attributes, '$.\"kms.peer\"') IS NOT NULL GROUP BY 1, 2 \
+         SELECT o.service, json_extract(s.attributes, '$.\"kms.peer\"'), COUNT(*) \
+         FROM span_rows s JOIN operations o ON o.id = s.operation_id \
+         WHERE s.start_ns BETWEEN ?1 AND ?2 AND s.kind = 3 AND o.service IS NOT NULL \
+         AND json_extract(s.attributes, '$.\"kms.peer\"') IS NOT NULL GROUP BY 1, 2 \
          ORDER BY 1, 2",
     )?;
     let rows = stmt.query_map(params![window.from_ns, window.to_ns], |r| {
@@ -408,6 +466,128 @@ mod tests {
                 kind: 2
             }]
         );
+    }
+
+    /// A store of `n` one-span traces 1 s apart: every fifth of the
+    /// `auth-webhook` service, the others of `dstack-kms`, named `op.{i %
+    /// ops}`, each 1 µs long; and one older `op.1` span of kind 3.
+    fn services_store(n: i64, ops: i64) -> Connection {
+        let conn = Connection::open_in_memory().expect("memory db");
+        conn.execute_batch(super::super::SCHEMA_SQL)
+            .expect("schema");
+        let mut ins = conn
+            .prepare(
+                "INSERT INTO spans (trace_id, span_id, name, kind, service, start_ns, end_ns, \
+                 received_ns) VALUES (?1, 'aa', ?2, ?3, ?4, ?5, ?5 + 1000, 0)",
+            )
+            .expect("insert");
+        let older = (
+            format!("{:032x}", 1u128 << 100),
+            "op.1".to_owned(),
+            3,
+            "dstack-kms",
+            -1,
+        );
+        let rows = (0..n).map(|i| {
+            let service = if i % 5 == 0 {
+                "auth-webhook"
+            } else {
+                "dstack-kms"
+            };
+            (
+                format!("{i:032x}"),
+                format!("op.{}", i % ops),
+                2,
+                service,
+                i * 1_000_000_000,
+            )
+        });
+        for (trace, name, kind, service, start) in std::iter::once(older).chain(rows) {
+            ins.execute(params![trace, name, kind, service, start])
+                .expect("row");
+        }
+        drop(ins);
+        conn
+    }
+
+    #[test]
+    fn a_search_by_service_merges_its_operations_newest_first() {
+        // Merged walks, and more operations than are merged (the start index).
+        for ops in [3, MERGED as i64 + 7] {
+            let conn = services_store(200, ops);
+            let by_service = TraceQuery {
+                service: Some("dstack-kms".into()),
+                limit: 5,
+                ..TraceQuery::default()
+            };
+            let newest = vec![199, 198, 197, 196, 194];
+            assert_eq!(
+                ids(&find_traces(&conn, &by_service).expect("search")),
+                newest
+            );
+            // A duration range with few spans (the duration index) and with
+            // many (by start): the same answer.
+            for min in [999, 0] {
+                let timed = TraceQuery {
+                    duration_min_ns: Some(min),
+                    duration_max_ns: Some(1_000),
+                    ..by_service.clone()
+                };
+                let conn = services_store(if min == 0 { 3 * DENSE } else { 200 }, ops);
+                let found = ids(&find_traces(&conn, &timed).expect("search"));
+                let n = if min == 0 { 3 * DENSE } else { 200 };
+                let newest: Vec<i64> = (0..n).rev().filter(|i| i % 5 != 0).take(5).collect();
+                assert_eq!(found, newest, "ops = {ops}, min = {min}");
+            }
+            let earlier = TraceQuery {
+                start_max_ns: Some(100_000_000_000),
+                ..by_service.clone()
+            };
+            assert_eq!(
+                ids(&find_traces(&conn, &earlier).expect("search")),
+                vec![99, 98, 97, 96, 94]
+            );
+            // An operation of any service.
+            let by_name = TraceQuery {
+                operation: Some("op.1".into()),
+                limit: 3,
+                ..TraceQuery::default()
+            };
+            let newest: Vec<i64> = (0..200).rev().filter(|i| i % ops == 1).take(3).collect();
+            assert_eq!(ids(&find_traces(&conn, &by_name).expect("search")), newest);
+            let unknown = TraceQuery {
+                service: Some("nobody".into()),
+                ..by_service.clone()
+            };
+            assert!(find_traces(&conn, &unknown).expect("search").is_empty());
+            let ops_of = |service| operations(&conn, service).expect("operations");
+            assert_eq!(
+                ops_of("dstack-kms")[1],
+                OperationName {
+                    name: "op.1".into(),
+                    kind: 3
+                }
+            );
+            assert_eq!(ops_of("dstack-kms")[2].kind, 2);
+        }
+        // A service or operation whose spans are all gone is not listed.
+        let conn = services_store(200, 3);
+        assert_eq!(
+            services(&conn).expect("services"),
+            ["auth-webhook", "dstack-kms"]
+        );
+        conn.execute_batch(
+            "DELETE FROM span_rows WHERE operation_id IN \
+             (SELECT id FROM operations WHERE service = 'auth-webhook' OR name = 'op.2')",
+        )
+        .expect("delete");
+        assert_eq!(services(&conn).expect("services"), ["dstack-kms"]);
+        let names: Vec<String> = operations(&conn, "dstack-kms")
+            .expect("operations")
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        assert_eq!(names, ["op.0", "op.1"]);
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! The SQLite store: one file, WAL mode, the schema of `schema.sql`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -9,11 +8,12 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 
 use super::encoded::{EncodedBatch, EncodedSpan};
+use super::known::KnownRows;
 use super::writer::{Record, Retention, RetentionSummary, StoreError, Writer};
 use super::{ConsoleSnapshot, ProbeAttempt, SCHEMA_SQL};
 
 /// `PRAGMA user_version` this collector writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Tables that retention trims, each with the column that says how old a row is.
 const AGED_TABLES: &[(&str, &str)] = &[
@@ -28,8 +28,8 @@ const AGED_TABLES: &[(&str, &str)] = &[
 ];
 
 /// Parameters of one span row.
-const SPAN_PARAMS: usize = 16;
-/// Rows per multi-row span insert (16 parameters each).
+const SPAN_PARAMS: usize = 15;
+/// Rows per multi-row span insert (15 parameters each).
 const SPANS_PER_INSERT: usize = 32;
 
 /// The upsert of `n` span rows. The merge rule of docs/wire-format.md: only
@@ -38,13 +38,13 @@ const SPANS_PER_INSERT: usize = 32;
 fn insert_spans_sql(n: usize) -> String {
     let row = format!("({})", vec!["?"; SPAN_PARAMS].join(", "));
     format!(
-        "INSERT INTO span_rows (trace_id, span_id, parent_span_id, name, kind, service,
+        "INSERT INTO span_rows (trace_id, span_id, parent_span_id, operation_id, kind,
                    resource_id, start_ns, end_ns, status_code, status_message, incomplete,
                    snapshot_seq, attributes, events, received_ns)
 VALUES {}
 ON CONFLICT (trace_id, span_id) DO UPDATE SET
-    parent_span_id = excluded.parent_span_id, name = excluded.name, kind = excluded.kind,
-    service = excluded.service, resource_id = excluded.resource_id,
+    parent_span_id = excluded.parent_span_id, operation_id = excluded.operation_id,
+    kind = excluded.kind, resource_id = excluded.resource_id,
     start_ns = excluded.start_ns, end_ns = excluded.end_ns, status_code = excluded.status_code,
     status_message = excluded.status_message, incomplete = excluded.incomplete,
     snapshot_seq = excluded.snapshot_seq, attributes = excluded.attributes,
@@ -115,7 +115,7 @@ const INSERT_STAT: &str =
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
-    resources: Resources,
+    known: KnownRows,
     // Holds its own connection: stops (and joins) when the store drops.
     _checkpointer: Checkpointer,
 }
@@ -257,7 +257,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             path,
-            resources: Resources::default(),
+            known: KnownRows::default(),
             _checkpointer: checkpointer,
         })
     }
@@ -335,8 +335,8 @@ impl SqliteStore {
 
 impl Writer for SqliteStore {
     fn write(&mut self, records: &[Record]) -> Result<(), StoreError> {
-        let result = write_records(&mut self.conn, &mut self.resources, records);
-        self.resources.settle(result.is_ok());
+        let result = write_records(&mut self.conn, &mut self.known, records);
+        self.known.settle(result.is_ok());
         result
     }
 
@@ -381,7 +381,7 @@ impl Writer for SqliteStore {
 /// One transaction holding `records` (the [`Writer::write`] contract).
 fn write_records(
     conn: &mut Connection,
-    resources: &mut Resources,
+    known: &mut KnownRows,
     records: &[Record],
 ) -> Result<(), StoreError> {
     let tx = conn
@@ -389,8 +389,8 @@ fn write_records(
         .map_err(StoreError::sqlite("starting a transaction"))?;
     for record in records {
         match record {
-            Record::Batch(batch) => write_encoded(&tx, resources, &EncodedBatch::encode(batch)?)?,
-            Record::Encoded(batch) => write_encoded(&tx, resources, batch)?,
+            Record::Batch(batch) => write_encoded(&tx, known, &EncodedBatch::encode(batch)?)?,
+            Record::Encoded(batch) => write_encoded(&tx, known, batch)?,
             Record::Probe(attempt) => write_probe(&tx, attempt)?,
             Record::Console(snapshot) => write_console(&tx, snapshot)?,
             Record::Stats { time_ns, values } => {
@@ -408,97 +408,17 @@ fn write_records(
     tx.commit().map_err(StoreError::sqlite("committing"))
 }
 
-/// What identifies a `resources` row: service, scope, attribute JSON.
-type ResourceKey = (Option<Arc<str>>, Option<Arc<str>>, Arc<str>);
-
-/// The `resources` rows this store has seen, so that a span costs a
-/// lookup, not a query. Rows are only ever added (retention keeps them), so
-/// a known id stays valid, except one added by a transaction that then
-/// rolled back: [`Resources::settle`] forgets those.
-#[derive(Debug, Default)]
-struct Resources {
-    known: HashMap<ResourceKey, i64>,
-    /// Added in the open transaction.
-    added: Vec<ResourceKey>,
-    /// The last key looked up: the spans of one OTLP ResourceSpans share
-    /// the same `Arc`s, so most lookups are three pointer comparisons.
-    last: Option<(ResourceKey, i64)>,
-}
-
-fn same(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
-    match (a, b) {
-        (None, None) => true,
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-        _ => false,
-    }
-}
-
-impl Resources {
-    const FIND: &'static str = "SELECT id FROM resources \
-         WHERE service IS ?1 AND scope IS ?2 AND attributes = ?3";
-    const ADD: &'static str =
-        "INSERT INTO resources (service, scope, attributes) VALUES (?1, ?2, ?3)";
-
-    /// The row id of the span's producer, adding the row if it is new.
-    fn id(&mut self, tx: &Transaction<'_>, s: &EncodedSpan) -> Result<i64, StoreError> {
-        if let Some(((service, scope, attrs), id)) = &self.last {
-            if same(service, &s.service) && same(scope, &s.scope) && Arc::ptr_eq(attrs, &s.resource)
-            {
-                return Ok(*id);
-            }
-        }
-        let key: ResourceKey = (s.service.clone(), s.scope.clone(), s.resource.clone());
-        let id = match self.known.get(&key) {
-            Some(&id) => id,
-            None => {
-                let op = "writing a resource";
-                let args = params![key.0.as_deref(), key.1.as_deref(), &*key.2];
-                let found: Option<i64> = tx
-                    .prepare_cached(Self::FIND)
-                    .and_then(|mut stmt| stmt.query_row(args, |r| r.get(0)).optional())
-                    .map_err(StoreError::sqlite(op))?;
-                let id = match found {
-                    Some(id) => id,
-                    None => {
-                        tx.prepare_cached(Self::ADD)
-                            .and_then(|mut stmt| stmt.execute(args))
-                            .map_err(StoreError::sqlite(op))?;
-                        self.added.push(key.clone());
-                        tx.last_insert_rowid()
-                    }
-                };
-                self.known.insert(key.clone(), id);
-                id
-            }
-        };
-        self.last = Some((key, id));
-        Ok(id)
-    }
-
-    /// After a transaction: forget the rows it added unless it committed.
-    fn settle(&mut self, committed: bool) {
-        if !committed {
-            for key in self.added.drain(..) {
-                self.known.remove(&key);
-            }
-            self.last = None;
-        }
-        self.added.clear();
-    }
-}
-
 /// The parameters of one span row, in `insert_spans_sql` order.
 fn span_params<'a>(
     s: &'a EncodedSpan,
-    resource_id: &'a i64,
+    (resource_id, operation_id): &'a (i64, i64),
 ) -> [&'a dyn rusqlite::ToSql; SPAN_PARAMS] {
     [
         &s.trace_id,
         &s.span_id,
         &s.parent_span_id,
-        &s.name,
+        operation_id,
         &s.kind,
-        &s.service,
         resource_id,
         &s.start_ns,
         &s.end_ns,
@@ -514,7 +434,7 @@ fn span_params<'a>(
 
 fn write_encoded(
     tx: &Transaction<'_>,
-    resources: &mut Resources,
+    known: &mut KnownRows,
     batch: &EncodedBatch,
 ) -> Result<(), StoreError> {
     if !batch.spans.is_empty() {
@@ -522,8 +442,8 @@ fn write_encoded(
         let ids = batch
             .spans
             .iter()
-            .map(|s| resources.id(tx, s))
-            .collect::<Result<Vec<i64>, _>>()?;
+            .map(|s| known.ids(tx, s))
+            .collect::<Result<Vec<(i64, i64)>, _>>()?;
         // Many rows per statement: one step per chunk instead of per span.
         let full = batch.spans.len() / SPANS_PER_INSERT * SPANS_PER_INSERT;
         if full > 0 {
