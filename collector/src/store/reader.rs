@@ -433,9 +433,12 @@ impl Reader for SqliteReader {
         name: &str,
         limit: usize,
     ) -> Result<Vec<SpanRow>, ReadError> {
+        // Walk spans_start in order: the `+` keeps SQLite from searching
+        // spans_operation_start instead, which would sort every span of the
+        // window (the report asks for whole windows).
         let sql = format!(
             "{SPAN_SELECT} WHERE s.start_ns BETWEEN ?1 AND ?2 \
-             AND s.operation_id IN (SELECT id FROM operations WHERE name = ?3) \
+             AND +s.operation_id IN (SELECT id FROM operations WHERE name = ?3) \
              ORDER BY s.start_ns, s.trace_id, s.span_id LIMIT ?4"
         );
         query_spans(
