@@ -43,7 +43,10 @@
 //!
 //! Environment: `BENCH_SECS` (per cell, default 3), `BENCH_ROUNDS` (default
 //! 2), `BENCH_CONFIGS` and `BENCH_LOADS` (comma-separated subsets),
-//! `BENCH_LONG`, `BENCH_LONG_SECS`. The cells read the library's own
+//! `BENCH_LONG`, `BENCH_LONG_SECS`, `BENCH_PERF=DIR` (`perf record` samples
+//! each server's CPU from READY to the end of its load into
+//! `DIR/CONFIG-CONNS.perf`; `examples/cost_split.py` splits it by
+//! part). The cells read the library's own
 //! variables too: `KMS_DIAG_TASKDUMP=0` turns task dumps of the `/stuck`
 //! requests off (at 512 connections a dump can leave a worker spinning in
 //! tokio's dump for the rest of the cell).
@@ -765,7 +768,8 @@ fn run_cell(
     duration: Duration,
 ) -> CellResult {
     let receiver = support::Receiver::start();
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    let mut child = child
         .args(["--cell", config, &receiver.endpoint()])
         .env("TOKIO_CONSOLE_BIND", "127.0.0.1:0")
         .stdin(Stdio::piped())
@@ -783,7 +787,30 @@ fn run_cell(
         }
     };
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    // `BENCH_PERF=DIR`: the server's CPU sampled from READY to the end of
+    // the load, the requests `served` counts.
+    let perf_dir = std::env::var_os("BENCH_PERF").map(std::path::PathBuf::from);
+    let perf_out = perf_dir
+        .as_ref()
+        .map(|dir| dir.join(format!("{config}-{conns}")));
+    let perf = perf_out.as_ref().and_then(|out| {
+        Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", "1999", "-p"])
+            .arg(child.id().to_string())
+            .arg("-o")
+            .arg(out.with_extension("perf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+    });
     let latencies = rt.block_on(load(addr, conns, duration));
+    if let Some(mut perf) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
     // Stop the server: it reports, flushes and exits.
     drop(child.stdin.take());
     let mut stats = String::new();
@@ -805,6 +832,13 @@ fn run_cell(
             .unwrap_or(0.0)
     };
     let served = field("served");
+    if let Some(out) = &perf_out {
+        // What the samples are scaled by: the server's CPU per request.
+        let _ = std::fs::write(
+            out.with_extension("served"),
+            format!("{served} {}\n", field("cpu_us")),
+        );
+    }
     let mut sorted = latencies;
     sorted.sort_unstable();
     let p99 = sorted

@@ -218,8 +218,10 @@ where
         if request {
             // The task that polls the request now: a host may create the span
             // in one task and run the handler in another.
+            // Written only when it changed: a store on every enter would pull
+            // the record's cache line away from the threads that read it.
             let task = current_task();
-            if task != 0 {
+            if task != 0 && record.task_id.load(Ordering::Relaxed) != task {
                 record.task_id.store(task, Ordering::Relaxed);
             }
         }
