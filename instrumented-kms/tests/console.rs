@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use console_api::instrument::instrument_client::InstrumentClient;
-use console_api::instrument::InstrumentRequest;
+mod support;
+
 use instrumented_kms::Builder;
+use support::console_task_names;
 use tracing_subscriber::layer::SubscriberExt;
 
 #[test]
@@ -31,41 +32,22 @@ fn a_console_client_lists_the_tasks() {
         .enable_all()
         .build()
         .unwrap();
+    let (_keep, parked) = tokio::sync::oneshot::channel::<()>();
     rt.block_on(async move {
-        let (_keep, parked) = tokio::sync::oneshot::channel::<()>();
         tokio::task::Builder::new()
             .name("console-test-task")
             .spawn(async move {
                 let _ = parked.await;
             })
             .unwrap();
-
-        let found = tokio::time::timeout(Duration::from_secs(10), async {
-            let mut client = InstrumentClient::connect(format!("http://{addr}"))
-                .await
-                .expect("connect to the console port");
-            let mut updates = client
-                .watch_updates(InstrumentRequest {})
-                .await
-                .expect("watch updates")
-                .into_inner();
-            let mut seen = String::new();
-            while let Some(update) = updates.message().await.expect("update") {
-                if let Some(tasks) = update.task_update {
-                    seen.push_str(&format!("{:?}", tasks.new_tasks));
-                    if seen.contains("console-test-task") {
-                        return true;
-                    }
-                }
-            }
-            false
-        })
-        .await;
-        assert_eq!(
-            found,
-            Ok(true),
-            "the console never listed console-test-task"
-        );
     });
+
+    let seen = console_task_names(addr, Duration::from_secs(10), |names| {
+        names.contains("console-test-task")
+    });
+    assert!(
+        seen.contains("console-test-task"),
+        "the console never listed console-test-task: {seen:?}"
+    );
     drop(guard);
 }

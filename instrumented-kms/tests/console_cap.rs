@@ -7,70 +7,15 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use console_api::instrument::instrument_client::InstrumentClient;
-use console_api::instrument::InstrumentRequest;
 use instrumented_kms::Builder;
-use support::Receiver;
+use support::{console_task_names, Receiver};
 use tracing_subscriber::layer::SubscriberExt;
 
 const CAP: usize = 8;
 const HELD: usize = 6;
 const CHURN: usize = 30;
-
-/// The names of every task the console lists, gathered from its updates
-/// until `done` holds or the deadline passes.
-fn console_task_names(
-    addr: SocketAddr,
-    timeout: Duration,
-    done: impl Fn(&BTreeSet<String>) -> bool,
-) -> BTreeSet<String> {
-    // Its own runtime, with no subscriber: the client's tasks are not the
-    // app's and must not take the app's places in the console.
-    let _quiet = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let mut names = BTreeSet::new();
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut client = InstrumentClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connect to the console port");
-        let mut updates = client
-            .watch_updates(InstrumentRequest {})
-            .await
-            .expect("watch updates")
-            .into_inner();
-        while !done(&names) {
-            let Ok(Ok(Some(update))) = tokio::time::timeout_at(deadline, updates.message()).await
-            else {
-                break;
-            };
-            for task in update.task_update.into_iter().flat_map(|u| u.new_tasks) {
-                for field in task.fields {
-                    if field
-                        .name
-                        .as_ref()
-                        .is_some_and(|n| format!("{n:?}").contains("task.name"))
-                    {
-                        match field.value {
-                            Some(console_api::field::Value::StrVal(v))
-                            | Some(console_api::field::Value::DebugVal(v)) => {
-                                names.insert(v);
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            }
-        }
-        names
-    })
-}
 
 #[test]
 fn past_the_cap_tasks_are_counted_not_recorded_until_old_ones_age_out() {

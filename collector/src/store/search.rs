@@ -373,12 +373,18 @@ pub(super) fn service_links(
 mod tests {
     use super::*;
 
-    /// A store with `n` closed 20 ms `kms.request` spans (one trace each,
-    /// 1 s apart) and, every tenth, a 30 s open snapshot.
-    fn store(n: i64) -> Connection {
+    /// An in-memory store with the current schema and nothing in it.
+    fn empty_store() -> Connection {
         let conn = Connection::open_in_memory().expect("memory db");
         conn.execute_batch(super::super::SCHEMA_SQL)
             .expect("schema");
+        conn
+    }
+
+    /// A store with `n` closed 20 ms `kms.request` spans (one trace each,
+    /// 1 s apart) and, every tenth, a 30 s open snapshot.
+    fn store(n: i64) -> Connection {
+        let conn = empty_store();
         let mut ins = conn
             .prepare(
                 "INSERT INTO spans (trace_id, span_id, name, kind, service, start_ns, end_ns, \
@@ -472,9 +478,7 @@ mod tests {
     /// `auth-webhook` service, the others of `dstack-kms`, named `op.{i %
     /// ops}`, each 1 µs long; and one older `op.1` span of kind 3.
     fn services_store(n: i64, ops: i64) -> Connection {
-        let conn = Connection::open_in_memory().expect("memory db");
-        conn.execute_batch(super::super::SCHEMA_SQL)
-            .expect("schema");
+        let conn = empty_store();
         let mut ins = conn
             .prepare(
                 "INSERT INTO spans (trace_id, span_id, name, kind, service, start_ns, end_ns, \

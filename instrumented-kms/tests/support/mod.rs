@@ -9,11 +9,14 @@
 //! (sync) body, or from `tokio::task::spawn_blocking` inside an async test.
 #![allow(dead_code, unreachable_pub)]
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use console_api::instrument::instrument_client::InstrumentClient;
+use console_api::instrument::InstrumentRequest;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
     LogsService, LogsServiceServer,
 };
@@ -626,4 +629,57 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         }
         thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The names of every task the tokio-console server at `addr` lists,
+/// gathered by a real console-api client from its updates until `done` holds
+/// or `timeout` passes. Blocks: call it outside a runtime.
+pub fn console_task_names(
+    addr: SocketAddr,
+    timeout: Duration,
+    done: impl Fn(&BTreeSet<String>) -> bool,
+) -> BTreeSet<String> {
+    // Its own runtime, with no subscriber: the client's tasks are not the
+    // app's and must not take the app's places in the console.
+    let _quiet = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut names = BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut client = InstrumentClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect to the console port");
+        let mut updates = client
+            .watch_updates(InstrumentRequest {})
+            .await
+            .expect("watch updates")
+            .into_inner();
+        while !done(&names) {
+            let Ok(Ok(Some(update))) = tokio::time::timeout_at(deadline, updates.message()).await
+            else {
+                break;
+            };
+            for task in update.task_update.into_iter().flat_map(|u| u.new_tasks) {
+                for field in task.fields {
+                    if field
+                        .name
+                        .as_ref()
+                        .is_some_and(|n| format!("{n:?}").contains("task.name"))
+                    {
+                        match field.value {
+                            Some(console_api::field::Value::StrVal(v))
+                            | Some(console_api::field::Value::DebugVal(v)) => {
+                                names.insert(v);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        names
+    })
 }
