@@ -241,6 +241,10 @@ impl Pass for Resources {
                 .tasks
                 .iter()
                 .filter(|t| t.state == "idle" && t.waker_count == Some(0))
+                // A `block_on` or `spawn_blocking` task is woken through its
+                // thread, not a task waker the console counts: no waker left
+                // says nothing (tokio-console exempts them from the lint).
+                .filter(|t| !matches!(t.kind.as_deref(), Some("block_on" | "blocking")))
                 .filter_map(|t| {
                     let idle_since = t.last_poll_ended_ns?;
                     let age = t.busy_ns.unwrap_or(0)

@@ -137,6 +137,24 @@ pub struct StallFindings {
     /// a third or more of the samples in the failure window (a single spike
     /// is not a stall).
     pub lag_persistent: bool,
+    /// A quarter of the threshold: a heartbeat this late while the workers
+    /// are busy means a woken task waits about that long for each turn.
+    pub busy_late_bar_ms: i64,
+    /// Samples in the failure window whose heartbeat was at least
+    /// `busy_late_bar_ms` late, or missed, while the workers were busy on a
+    /// CPU (not waiting for one, and not in a stall a task dump began).
+    pub busy_late_samples_in_failure: usize,
+    /// First such sample.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_busy_late_ns: Option<i64>,
+    /// The median lag of those samples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busy_late_median_lag_ms: Option<i64>,
+    /// True when the runtime was saturated: at least three such samples,
+    /// making up half or more of the samples in the failure window. Each
+    /// may be under the threshold (no stall), yet a request needs many
+    /// turns, so it waits many times as long.
+    pub saturated: bool,
     /// (time, lag ms) of every sample, for the timeline.
     #[serde(skip)]
     pub lag_series: Vec<(i64, i64)>,
@@ -211,9 +229,24 @@ impl Pass for Stall {
             runtime_samples: samples.len(),
             ..StallFindings::default()
         };
+        f.busy_late_bar_ms = threshold_ms / 4;
+        let mut times: Vec<i64> = samples.iter().map(|s| s.time_ns).collect();
+        times.sort_unstable();
+        let mut gaps: Vec<i64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        gaps.sort_unstable();
+        let interval = gaps.get(gaps.len() / 2).copied();
+        // Samples whose heartbeat was late with the workers busy, whatever
+        // dump was going on.
+        let busy_late: Vec<i64> = samples
+            .iter()
+            .filter(|s| late_and_busy(&s.attributes, f.busy_late_bar_ms))
+            .map(|s| s.time_ns)
+            .collect();
         // A stall is the dump's when it began with a dump request on a
         // runtime that was not stalling already (a dump requested of a stuck
-        // runtime times out because of the stall, not the other way round).
+        // runtime times out because of the stall, not the other way round),
+        // nor late with its workers busy in the samples just before (a
+        // saturated runtime: each lag under the threshold, so no stall yet).
         let spans: Vec<(i64, i64)> = f
             .episodes
             .iter()
@@ -229,7 +262,10 @@ impl Pass for Stall {
             let stalling_before = spans.iter().enumerate().any(|(j, &(from, to))| {
                 j != i && from < ep.first_ns && to.saturating_add(RECOVERED_NS) >= ep.first_ns
             });
-            ep.during_taskdump = with_a_request && !stalling_before;
+            let late_before = busy_late.iter().any(|&t| {
+                t < ep.first_ns && t >= ep.first_ns - RECOVERED_NS - interval.unwrap_or(0)
+            });
+            ep.during_taskdump = with_a_request && !stalling_before && !late_before;
         }
         // A sample lags during such a stall when taken from its start to
         // one sample after its end (a sample reports the largest lag of the
@@ -240,11 +276,10 @@ impl Pass for Stall {
             .filter(|e| e.during_taskdump)
             .map(|e| (e.first_ns, if e.ended { e.last_ns } else { i64::MAX }))
             .collect();
-        let mut times = Vec::with_capacity(samples.len());
+        let mut busy_late_lags = Vec::new();
         for s in &samples {
             let lag = i64_of(&s.attributes, "heartbeat.lag_ms").unwrap_or(0);
             f.lag_series.push((s.time_ns, lag));
-            times.push(s.time_ns);
             if !failure.contains(s.time_ns) {
                 continue;
             }
@@ -256,6 +291,10 @@ impl Pass for Stall {
             let in_dump_stall = dump_stalls.iter().any(|&(from, to)| {
                 s.time_ns >= from && s.time_ns <= to.saturating_add(SAMPLE_AFTER_NS)
             });
+            if !in_dump_stall && late_and_busy(&s.attributes, f.busy_late_bar_ms) {
+                busy_late_lags.push(lag);
+                f.first_busy_late_ns.get_or_insert(s.time_ns);
+            }
             if (lag > threshold_ms || !ok) && starved {
                 f.host_starved_samples_in_failure += 1;
             } else if (lag > threshold_ms || !ok) && in_dump_stall {
@@ -267,9 +306,10 @@ impl Pass for Stall {
         }
         f.lag_persistent = f.lagging_samples_in_failure >= 2
             && f.lagging_samples_in_failure * 3 >= f.samples_in_failure;
-        let mut gaps: Vec<i64> = times.windows(2).map(|w| w[1] - w[0]).collect();
-        gaps.sort_unstable();
-        let interval = gaps.get(gaps.len() / 2).copied();
+        f.busy_late_samples_in_failure = busy_late_lags.len();
+        busy_late_lags.sort_unstable();
+        f.busy_late_median_lag_ms = busy_late_lags.get(busy_late_lags.len() / 2).copied();
+        f.saturated = busy_late_lags.len() >= 3 && busy_late_lags.len() * 2 >= f.samples_in_failure;
         f.sample_interval_ms = interval.map(|g| g / 1_000_000);
         // Gaps inside the failure window, its edges included (bounded by the
         // analysed window, which ends at the last stored fact).
@@ -284,6 +324,32 @@ impl Pass for Stall {
         };
         cx.diagnosis.stall = f;
         Ok(())
+    }
+}
+
+/// True when a `kms.runtime` sample shows the heartbeat at least `bar_ms`
+/// late (or missed) while the workers were busy.
+fn late_and_busy(a: &serde_json::Value, bar_ms: i64) -> bool {
+    let late = i64_of(a, "heartbeat.lag_ms").is_some_and(|lag| lag >= bar_ms)
+        || bool_of(a, "heartbeat.ok") == Some(false);
+    late && workers_busy(a)
+}
+
+/// True when a `kms.runtime` sample shows the workers busy: on a CPU for
+/// half the interval or more by their CPU accounting (tokio's own busy count
+/// can read zero for workers that ran the whole interval); without it, every
+/// worker busy by tokio's count.
+fn workers_busy(a: &serde_json::Value) -> bool {
+    if let Some(cpu) = WorkersCpu::from_attrs(a) {
+        return cpu.classify() == CpuUse::Busy;
+    }
+    match (
+        i64_of(a, "runtime.busy_workers"),
+        i64_of(a, "runtime.workers"),
+    ) {
+        (Some(busy), Some(workers)) if workers > 0 => busy >= workers,
+        _ => super::attrs::f64_of(a, "runtime.busy_ratio")
+            .is_some_and(|r| r >= super::resources::BUSY_RATIO),
     }
 }
 

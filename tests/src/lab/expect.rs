@@ -21,7 +21,7 @@
 //! | `blocking-worker`, `cpu-bound-handler`, `block-in-place` | explained | D | confirmed | the worker / request span | a poll that does not return |
 //! | `async-deadlock`, `sync-deadlock` | explained | D | confirmed | the locks | lock cycles |
 //! | `blocking-pool-exhaustion` | explained | D | confirmed | blocking pool | blocking threads at the maximum, queue not draining |
-//! | `scheduler-starvation` | explained | D | confirmed | worker queue, or "run queue" in a heartbeat stall with no worker stuck in a poll | queues growing, workers busy, polls short; or (tasks that yield wait in a deferred list tokio's queue depths miss) the heartbeat late while the workers' CPU accounting shows them on a CPU throughout |
+//! | `scheduler-starvation` | explained | D | confirmed | worker queue, or "run queue" in a heartbeat stall with no worker stuck in a poll | queues growing, workers busy, polls short; or (tasks that yield wait in a deferred list tokio's queue depths miss) the heartbeat late while the workers' CPU accounting shows them on a CPU throughout, as a stall or, each lag under the threshold, in most samples (`busy_and_late`) |
 //! | `frozen-workers`, `frozen-workers-plain-http` | explained | D | confirmed | listen queue / worker | every worker blocked, connections never accepted (over plain HTTP the probe's `timeout` says nothing about TLS) |
 //! | `never-woken-*` | explained D, or unexplained | D | confirmed or inconclusive | never woken / lost waker | the wait's span named either way |
 //! | `fd-exhaustion` | explained | E | ruled out | fds / EMFILE | accept fails at the fd limit |

@@ -2,7 +2,8 @@
 //! stalled. Confirmed by a stall (a poll running past the threshold, the
 //! heartbeat lagging), a lock cycle (parking_lot or async), or one of the
 //! runtime's own resources exhausted: the blocking pool, the scheduler's
-//! queues, tasks that can never be woken, connections never accepted.
+//! queues or its workers (busy, every turn late), tasks that can never be
+//! woken, connections never accepted.
 //! Ruled out only when the heartbeat shows the runtime healthy through the
 //! failure AND every hung request is positively waiting on something else.
 
@@ -554,6 +555,49 @@ impl Rule for SchedulerStarvation {
     }
 }
 
+/// The heartbeat late in most samples of the failure while the workers were
+/// busy on a CPU: runnable tasks keep the workers busy and every woken task
+/// waits about that long for each of its turns. Each lag may be under the
+/// stall threshold (no stall, no poll stuck), yet a request needs many
+/// turns (accept, TLS, reads, the handler, its calls), so it hangs.
+struct BusyAndLate;
+
+impl Rule for BusyAndLate {
+    fn name(&self) -> &'static str {
+        "busy_and_late"
+    }
+    fn reads(&self) -> &'static str {
+        "kms.runtime heartbeat.lag_ms, heartbeat.ok, runtime.workers_cpu_* (or runtime.busy_workers, runtime.busy_ratio)"
+    }
+    fn check(&self, m: &Model<'_>) -> Option<Finding> {
+        let st = &m.d.stall;
+        let q = &m.d.resources.queues;
+        // The growing run queues name it when they show the backlog.
+        if !st.saturated || !m.hang || q.starving {
+            return None;
+        }
+        let median = st.busy_late_median_lag_ms.unwrap_or(0);
+        let summary = format!(
+            "{} of {} kms.runtime samples in the failure window show the heartbeat at least {} ms late (median {median} ms, max {} ms; stall threshold {} ms) while the workers were busy on a CPU: no poll ran past the threshold, yet every woken task waited about that long for a turn",
+            st.busy_late_samples_in_failure,
+            st.samples_in_failure,
+            st.busy_late_bar_ms,
+            st.max_lag_in_failure_ms.unwrap_or(0),
+            st.threshold_ms
+        );
+        let culprit = format!(
+            "runnable tasks kept the workers busy: the heartbeat waited a median {median} ms for each turn, and a request needs many turns"
+        );
+        let mut first = Evidence::new("busy_and_late", summary);
+        if let Some(t) = st.first_busy_late_ns {
+            first = first.at(t);
+        }
+        let mut ev = vec![first];
+        ev.extend(cite_requests(m.hung(), "waiting_request"));
+        Some(Finding::confirms(culprit, st.first_busy_late_ns, ev))
+    }
+}
+
 /// Tasks spawned during the failure sit idle with no waker left: nothing
 /// can ever wake them (tokio-console's lost-waker lint).
 struct NeverWoken;
@@ -667,10 +711,13 @@ fn slow_calls(m: &Model<'_>) -> bool {
 }
 
 /// True when `kms.runtime` samples cover the failure window with no
-/// persistent lag and no stall counts.
+/// persistent lag, no saturation (busy and late) and no stall that counts.
 pub(crate) fn runtime_healthy(m: &Model<'_>) -> bool {
     let st = &m.d.stall;
-    st.covers_failure && !st.lag_persistent && !st.episodes_in(m.failure).any(|ep| counts(m, ep))
+    st.covers_failure
+        && !st.lag_persistent
+        && !st.saturated
+        && !st.episodes_in(m.failure).any(|ep| counts(m, ep))
 }
 
 /// True when the runtime not only stayed healthy by D's measure but ran:
@@ -1018,6 +1065,7 @@ pub(crate) fn rules() -> Vec<Box<dyn Rule>> {
         Box::new(HostCpuStarved),
         Box::new(StalledByTaskdump),
         Box::new(SchedulerStarvation),
+        Box::new(BusyAndLate),
         Box::new(HeartbeatLagging),
         Box::new(BlockingPoolExhausted),
         Box::new(NeverWoken),

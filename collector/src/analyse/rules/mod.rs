@@ -295,13 +295,16 @@ impl Pass for Verdicts {
 }
 
 /// Closed outbound calls in the failure window, by peer; slow ones kept
-/// (during a failure, and when no stall overlapped them: a call slowed by a
-/// stall says nothing about its peer).
+/// (during a failure, and when no stall overlapped them and the runtime was
+/// not saturated by then: a call slowed by the runtime says nothing about
+/// its peer).
 fn closed_calls(
     cx: &Context<'_>,
     failure: TimeWindow,
 ) -> Result<BTreeMap<String, PeerCalls>, ReadError> {
     let slow_ms = i64::try_from(cx.config.slow_call_threshold.as_millis()).unwrap_or(i64::MAX);
+    let st = &cx.diagnosis.stall;
+    let saturated_from = st.first_busy_late_ns.filter(|_| st.saturated);
     let mut by_peer: BTreeMap<String, PeerCalls> = BTreeMap::new();
     for s in cx
         .reader
@@ -316,7 +319,8 @@ fn closed_calls(
             .stall
             .episodes
             .iter()
-            .any(|ep| ep.first_ns <= s.end_ns && ep.last_ns >= s.start_ns);
+            .any(|ep| ep.first_ns <= s.end_ns && ep.last_ns >= s.start_ns)
+            || saturated_from.is_some_and(|t| s.end_ns >= t);
         let e = by_peer.entry(peer).or_default();
         e.count += 1;
         e.slowest_ms = e.slowest_ms.max(ms);

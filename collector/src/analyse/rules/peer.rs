@@ -23,11 +23,18 @@ impl Peer {
     }
 }
 
+/// The excuse of a call that waited while the runtime was saturated: unlike
+/// the others it does not clear the peer, it only leaves it undecided.
+pub(crate) const SATURATED: &str =
+    "the runtime was saturated while it waited (its workers busy, the heartbeat late: D)";
+
 /// Why a call to the peer cannot be blamed on it, if it cannot:
 /// - still open, it has been open for less than the stuck threshold (or
 ///   the producer's open-span threshold: it was reported only because its
 ///   request is stuck), a slow request that entered the call a moment ago;
 /// - it was in flight when the whole runtime froze (no future is polled);
+/// - it began once the runtime was saturated (every woken task waits its
+///   turn behind busy workers: [`SATURATED`]);
 /// - fds ran out while it waited and the process held no connection to its
 ///   server (no socket to wait on: a client that retries connecting looks
 ///   stuck). Where the samples cannot tell (no `tcp.outbound`, or a server
@@ -52,6 +59,14 @@ pub(crate) fn excused(m: &Model<'_>, s: &StuckSpan) -> Option<&'static str> {
     let began = s.innermost.start_ns;
     if frozen.is_some_and(|f| began > f.saturating_sub(long_ns)) {
         return Some("the runtime stalled while it was in flight (D)");
+    }
+    let st = &m.d.stall;
+    if st.saturated
+        && st
+            .first_busy_late_ns
+            .is_some_and(|t| began > t.saturating_sub(long_ns))
+    {
+        return Some(SATURATED);
     }
     let c = &m.d.connections;
     let connected = s
@@ -216,6 +231,22 @@ impl Rule for FrozenByStall {
             .filter_map(|s| excused(m, s).map(|why| (s, why)))
             .collect();
         let (s, why) = excused.last()?;
+        let saturated = excused.iter().filter(|(_, w)| *w == SATURATED).count();
+        if saturated > 0 {
+            return Some(Finding::one(
+                Effect::Missing,
+                Evidence::new(
+                    "missing_data",
+                    format!(
+                        "{saturated} stuck {peer} call(s) began once the runtime was saturated (its workers busy, the heartbeat late: D): a call's own wait cannot be told from its turns in the run queue, so whether {peer} answers is unknown; calls to it that complete, or its own logs, would decide (e.g. {})",
+                        s.describe(),
+                        peer = self.0.peer.as_str()
+                    ),
+                )
+                .span(Some(&s.trace_id), Some(&s.innermost.span_id))
+                .at(s.innermost.start_ns),
+            ));
+        }
         Some(Finding::one(
             Effect::Cites,
             Evidence::new(
@@ -296,14 +327,25 @@ impl Rule for WaitsElsewhere {
         }) {
             return None;
         } else if !hung.is_empty() {
-            ev.push(Evidence::new(
-                "waits_elsewhere",
+            let excused = hung
+                .iter()
+                .filter(|s| s.peer_hypothesis() == Some(self.0.letter))
+                .count();
+            let text = if excused == 0 {
                 format!(
                     "every one of the {} hung requests waits elsewhere, none in or behind a call to {peer}: {}",
                     hung.len(),
                     wait_summary(hung.iter().copied())
-                ),
-            ));
+                )
+            } else {
+                format!(
+                    "none of the {} hung requests counts against {peer}: {excused} of them {} in or behind a call to it for a reason given under explained_elsewhere; where they wait: {}",
+                    hung.len(),
+                    if excused == 1 { "waits" } else { "wait" },
+                    wait_summary(hung.iter().copied())
+                )
+            };
+            ev.push(Evidence::new("waits_elsewhere", text));
         } else if let Some((other, _)) = m
             .closed_calls
             .iter()
