@@ -18,6 +18,10 @@
 //! the request is inside, outermost first, and ends with the leaf future it
 //! waits on.
 //!
+//! It does not ask when the dump could freeze the runtime for good (too many
+//! tasks queued: see [`ALWAYS_SAFE_TASKS`]); it emits `taskdump.outcome` =
+//! `skipped` once per stretch instead and asks again at a later interval.
+//!
 //! What it cannot see: a task being polled (a handler blocking its worker is
 //! mid-poll, and tokio skips it; the dump then times out anyway), and any
 //! target other than Linux on x86_64, aarch64, x86 or s390x (tokio's
@@ -77,6 +81,33 @@ const FOREIGN_CRATES: &[&str] = &[
     "instrumented_kms",
     "backtrace",
 ];
+
+/// A runtime with at most this many live tasks can always be dumped: its
+/// local run queues cannot hold more than half of a queue's capacity.
+///
+/// tokio's multi-thread dump first moves every worker's local run queue
+/// into one queue of its own, in a loop that ends only when the workers'
+/// queues are empty; once its queue holds more than 128 tasks (half of
+/// tokio's 256) each move gives up and the loop spins for good, the whole
+/// runtime frozen behind it (tokio-rs/tokio#7478, tokio 1.54).
+const ALWAYS_SAFE_TASKS: usize = 128;
+
+/// With more live tasks, a dump is requested only while the local run
+/// queues hold at most this many tasks (half of the 128 above, for the
+/// tasks queued between this look and the dump) ...
+const MAX_LOCAL_QUEUED: usize = 64;
+
+/// ... and the heartbeat is less late than this (a runtime whose tasks wait
+/// for a worker is one whose queues fill between two looks).
+const MAX_HEARTBEAT_LAG: Duration = Duration::from_millis(250);
+
+/// The local run queues are read this many times, [`QUEUE_LOOK_GAP`]
+/// apart, and the deepest reading counts: a flood of tasks that yield
+/// empties and refills them in rounds.
+const QUEUE_LOOKS: u32 = 5;
+
+/// Time between two readings of the local run queues.
+const QUEUE_LOOK_GAP: Duration = Duration::from_millis(10);
 
 /// A stuck request whose task is not in the dump (mid-poll, or the task id
 /// is stale) is looked for in this many dumps, then given up.
@@ -163,6 +194,8 @@ struct Watched {
     handle: tokio::runtime::Handle,
     id: u64,
     in_progress: Option<(DumpFuture, Instant)>,
+    /// True while dumps are being skipped (reported once per stretch).
+    skipping: bool,
 }
 
 impl Watched {
@@ -171,8 +204,52 @@ impl Watched {
             id: crate::runtime::tokio_id_u64(handle.id()),
             handle,
             in_progress: None,
+            skipping: false,
         }
     }
+
+    /// Why a new dump of this runtime could freeze it, if it could: see
+    /// [`ALWAYS_SAFE_TASKS`].
+    fn dump_unsafe(&self) -> Option<Unsafe> {
+        let metrics = self.handle.metrics();
+        let alive = metrics.num_alive_tasks();
+        if alive <= ALWAYS_SAFE_TASKS {
+            return None;
+        }
+        let mut queued = 0;
+        for look in 0..QUEUE_LOOKS {
+            if look > 0 {
+                std::thread::sleep(QUEUE_LOOK_GAP);
+            }
+            let now: usize = (0..metrics.num_workers())
+                .map(|w| metrics.worker_local_queue_depth(w))
+                .sum();
+            queued = queued.max(now);
+        }
+        let lag = heartbeat_lag(self.id);
+        (queued > MAX_LOCAL_QUEUED || lag.is_some_and(|l| l >= MAX_HEARTBEAT_LAG))
+            .then_some(Unsafe { alive, queued, lag })
+    }
+}
+
+/// What made a dump unsafe.
+struct Unsafe {
+    alive: usize,
+    /// Deepest reading of the local run queues, summed over workers.
+    queued: usize,
+    /// The heartbeat's lag now, when the watchdog watches the runtime.
+    lag: Option<Duration>,
+}
+
+/// How late the runtime's heartbeat is now (the watchdog's), if watched.
+#[cfg(feature = "watchdog")]
+fn heartbeat_lag(runtime: u64) -> Option<Duration> {
+    crate::watchdog::heartbeat_for_runtime(runtime).map(|h| h.current_lag())
+}
+
+#[cfg(not(feature = "watchdog"))]
+fn heartbeat_lag(_runtime: u64) -> Option<Duration> {
+    None
 }
 
 /// A stuck request span and the task that runs it.
@@ -243,13 +320,26 @@ impl Dumper {
             return;
         }
         let mut found = HashSet::new();
+        let mut dumped = false;
         let timeout = self.config.timeout;
         for watched in &mut self.runtimes {
-            let (mut dump, started) = watched.in_progress.take().unwrap_or_else(|| {
-                let handle = watched.handle.clone();
-                let dump: DumpFuture = Box::pin(async move { handle.dump().await });
-                (dump, Instant::now())
-            });
+            let (mut dump, started) = match watched.in_progress.take() {
+                Some(pending) => pending,
+                None => {
+                    if let Some(why) = watched.dump_unsafe() {
+                        if !watched.skipping {
+                            self.sink.emit(skipped_event(watched.id, &why));
+                        }
+                        watched.skipping = true;
+                        continue;
+                    }
+                    watched.skipping = false;
+                    let handle = watched.handle.clone();
+                    let dump: DumpFuture = Box::pin(async move { handle.dump().await });
+                    (dump, Instant::now())
+                }
+            };
+            dumped = true;
             let result = self
                 .local
                 .block_on(async { tokio::time::timeout(timeout, &mut dump).await });
@@ -282,10 +372,38 @@ impl Dumper {
                 }
             }
         }
+        // A skipped dump looked for nobody.
+        if !dumped {
+            return;
+        }
         for s in stuck.iter().filter(|s| !found.contains(&s.record.key())) {
             *self.attempts.entry(s.record.key()).or_default() += 1;
         }
     }
+}
+
+fn skipped_event(runtime: u64, why: &Unsafe) -> DiagEvent {
+    let lag_ms = why.lag.map(|l| l.as_secs_f64() * 1000.0);
+    let mut event = DiagEvent::new(
+        "kms.taskdump",
+        Severity::Info,
+        format!(
+            "Task dump skipped: {} tasks live, up to {} queued in the workers' local run queues{}; a dump could freeze the runtime for good (tokio-rs/tokio#7478). Skipped until the runtime is quieter.",
+            why.alive,
+            why.queued,
+            lag_ms
+                .map(|l| format!(", heartbeat {l:.0} ms late"))
+                .unwrap_or_default()
+        ),
+    )
+    .attr("taskdump.outcome", "skipped")
+    .attr("tokio.runtime.id", runtime)
+    .attr("taskdump.alive_tasks", why.alive)
+    .attr("taskdump.local_queue_depth", why.queued);
+    if let Some(l) = lag_ms {
+        event = event.attr("heartbeat.lag_ms", l.round() as i64);
+    }
+    event
 }
 
 fn timeout_event(runtime: u64, started: Instant, timeout: Duration) -> DiagEvent {

@@ -8,8 +8,9 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use instrumented_kms::{request_span, runtime_builder, Builder, DiagGuard, HttpProtocol};
 use support::{LogEntry, Receiver};
@@ -135,10 +136,6 @@ fn a_request_stuck_on_a_never_woken_future_shows_its_await_chain() {
         "machinery frames are trimmed: {chain:?}"
     );
     assert!(dump.int_attr("taskdump.tasks").unwrap() >= 1);
-    eprintln!(
-        "TMPCHAIN {chain:?} {:?}",
-        dump.str_attr("taskdump.duration_ms")
-    );
 
     // The record carries the request span's ids.
     let snapshot = env
@@ -226,4 +223,93 @@ fn a_runtime_whose_worker_is_blocked_times_the_dump_out() {
     drop(gate);
     rt.block_on(blocker).unwrap();
     stuck.abort();
+}
+
+/// Shuts the runtime down without waiting for its workers, also when an
+/// assertion unwinds: a runtime a dump froze would never shut down.
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn outcome(e: &LogEntry) -> Option<String> {
+    e.str_attr("taskdump.outcome")
+}
+
+#[test]
+fn a_runtime_flooded_with_runnable_tasks_is_dumped_only_once_it_quiets() {
+    let env = env();
+    let (rt, runtime) = watched_runtime(2);
+    let rt = Background(Some(rt));
+    let handle = rt.0.as_ref().unwrap().handle().clone();
+    let (_never_sent, answer) = tokio::sync::oneshot::channel::<()>();
+    let task = handle.spawn(
+        async move { handle_get_meta(answer).await }
+            .instrument(request_span(&request("TestFlooded"))),
+    );
+    let task_id: i64 = task.id().to_string().parse().unwrap();
+    // 500 always-ready tasks, 2 ms of CPU per poll: the local run queues
+    // hold far more than the 128 tasks a tokio dump can move, and each
+    // task waits about half a second for its turn.
+    let flooding = Arc::new(AtomicBool::new(true));
+    for _ in 0..500 {
+        let flooding = Arc::clone(&flooding);
+        handle.spawn(async move {
+            while flooding.load(Ordering::Relaxed) {
+                let spin = Instant::now();
+                while spin.elapsed() < Duration::from_millis(2) {
+                    std::hint::spin_loop();
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+
+    env.receiver
+        .wait_until("a skipped kms.taskdump", WAIT, |_| {
+            dumps_of(runtime)
+                .iter()
+                .any(|e| outcome(e).as_deref() == Some("skipped"))
+        });
+    let skipped = dumps_of(runtime)
+        .into_iter()
+        .find(|e| outcome(e).as_deref() == Some("skipped"))
+        .unwrap();
+    assert!(skipped.int_attr("taskdump.alive_tasks").unwrap() > 128);
+    assert!(
+        skipped.int_attr("taskdump.local_queue_depth").unwrap() > 64
+            || skipped.int_attr("heartbeat.lag_ms").unwrap_or(0) >= 250,
+        "{:?}",
+        skipped.record.body
+    );
+    // Nothing was asked of the flooded runtime: a dump there would have
+    // frozen it, and the flood could never be stopped.
+    assert!(
+        dumps_of(runtime)
+            .iter()
+            .all(|e| outcome(e).as_deref() == Some("skipped")),
+        "a dump was requested of the flooded runtime"
+    );
+
+    flooding.store(false, Ordering::Relaxed);
+    env.receiver.wait_until(
+        "the stuck request's dump once the flood ended",
+        WAIT,
+        |_| {
+            dumps_of(runtime)
+                .iter()
+                .any(|e| e.int_attr("tokio.task.id") == Some(task_id))
+        },
+    );
+    let skips = dumps_of(runtime)
+        .iter()
+        .filter(|e| outcome(e).as_deref() == Some("skipped"))
+        .count();
+    assert_eq!(skips, 1, "one record per stretch of skipped dumps");
+    task.abort();
 }

@@ -45,7 +45,9 @@ pub use evidence::{fmt_time, Evidence, Hypothesis, Verdict, HYPOTHESES};
 pub use lock_wait::{ConsoleGaps, LockWait, LockWaitFindings};
 pub use memory::MemoryFindings;
 pub use probe::{FailureWindow, ProbeEpisode, ProbeSummary};
-pub use requests::{Fate, QueuedBehind, RequestCounts, RequestFindings, WaitLocation};
+pub use requests::{
+    Fate, QueuedBehind, RequestCounts, RequestFindings, TaskdumpSkips, WaitLocation,
+};
 pub use resources::{
     BlockingPool, ListenQueue, ResourceFindings, ResourceRun, SchedulerQueues, UnwakeableTask,
 };

@@ -86,6 +86,19 @@ pub struct RequestCounts {
     pub open: usize,
 }
 
+/// Task dumps the library skipped so as not to freeze the runtime
+/// (`kms.taskdump` with `taskdump.outcome` = `skipped`, one per stretch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TaskdumpSkips {
+    /// Stretches of skipped dumps.
+    pub count: usize,
+    /// When the first was reported.
+    pub first_ns: i64,
+    /// The deepest local run queues (summed over workers) they report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_local_queue_depth: Option<i64>,
+}
+
 /// One row of the "where requests wait" table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WaitLocation {
@@ -126,6 +139,11 @@ pub struct RequestFindings {
     /// When the first of them was taken.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_taskdump_timeout_ns: Option<i64>,
+    /// Stretches of task dumps the library skipped because a dump could
+    /// have frozen the runtime (too many tasks queued, or the heartbeat
+    /// late): stuck requests have no await chain then. Absent when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub taskdump_skips: Option<TaskdumpSkips>,
     /// The producer's open-span threshold (`config.open_span_threshold_ms`
     /// of its `kms.startup`): a span it reports open for less than this
     /// was reported only because its trace is stuck.
@@ -199,10 +217,25 @@ impl Pass for Requests {
         let dumps = cx.reader.events("kms.taskdump", cx.window)?;
         let mut chains: HashMap<String, Vec<String>> = HashMap::new();
         for d in &dumps {
-            if str_of(&d.attributes, "taskdump.outcome").as_deref() == Some("timeout") {
-                f.taskdump_timeouts += 1;
-                f.first_taskdump_timeout_ns.get_or_insert(d.time_ns);
-                continue;
+            match str_of(&d.attributes, "taskdump.outcome").as_deref() {
+                Some("timeout") => {
+                    f.taskdump_timeouts += 1;
+                    f.first_taskdump_timeout_ns.get_or_insert(d.time_ns);
+                    continue;
+                }
+                Some("skipped") => {
+                    let skips = f.taskdump_skips.get_or_insert(TaskdumpSkips {
+                        count: 0,
+                        first_ns: d.time_ns,
+                        max_local_queue_depth: None,
+                    });
+                    skips.count += 1;
+                    skips.max_local_queue_depth = skips
+                        .max_local_queue_depth
+                        .max(i64_of(&d.attributes, "taskdump.local_queue_depth"));
+                    continue;
+                }
+                _ => {}
             }
             let chain: Vec<String> = json_of(&d.attributes, "taskdump.chain")
                 .and_then(|v| serde_json::from_value(v).ok())

@@ -744,7 +744,7 @@ impl Rule for Transients {
         "transients"
     }
     fn reads(&self) -> &'static str {
-        "kms.stall / kms.stall_end, kms.runtime heartbeat.lag_ms, kms.taskdump (taskdump.outcome)"
+        "kms.stall / kms.stall_end, kms.runtime heartbeat.lag_ms, kms.taskdump (taskdump.outcome, taskdump.local_queue_depth)"
     }
     fn check(&self, m: &Model<'_>) -> Option<Finding> {
         let st = &m.d.stall;
@@ -789,6 +789,22 @@ impl Rule for Transients {
                 e = e.at(t);
             }
             ev.push(e);
+        }
+        if let Some(skips) = &r.taskdump_skips {
+            ev.push(
+                Evidence::new(
+                    "taskdump_skipped",
+                    format!(
+                        "the library skipped task dumps {} time(s){}: a tokio dump of a runtime with that many runnable tasks (or a late heartbeat) can freeze it for good, so the stuck requests have no await chain from then",
+                        skips.count,
+                        skips
+                            .max_local_queue_depth
+                            .map(|q| format!(", up to {q} tasks queued in the workers' local run queues"))
+                            .unwrap_or_default()
+                    ),
+                )
+                .at(skips.first_ns),
+            );
         }
         (!ev.is_empty()).then(|| Finding::new(Effect::Cites, ev))
     }
