@@ -102,7 +102,7 @@ pub struct TaskdumpSkips {
 /// One row of the "where requests wait" table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WaitLocation {
-    /// The innermost span, or `kms.outbound <peer> `<call>``.
+    /// The innermost span, or ``kms.outbound <peer> `<call>` ``.
     pub span: String,
     /// `open` or `cancelled`.
     pub fate: Fate,

@@ -73,7 +73,7 @@ pub struct SchedulerQueues {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub saturated: Option<ResourceRun>,
     /// True when queues grew through that run by at least
-    /// [`STARVATION_MIN_GROWTH`] tasks and doubled.
+    /// `STARVATION_MIN_GROWTH` (64) tasks and doubled.
     pub starving: bool,
     /// Samples whose workers were busy by tokio's clock but waited for a
     /// CPU longer than they ran: the host starved them, so they do not
