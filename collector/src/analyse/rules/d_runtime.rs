@@ -586,7 +586,7 @@ impl Rule for BusyAndLate {
             st.threshold_ms
         );
         let culprit = format!(
-            "runnable tasks kept the workers busy: the heartbeat waited a median {median} ms for each turn, and a request needs many turns"
+            "runnable tasks kept the workers busy: each woken task waited about {median} ms in the run queue for a turn (the heartbeat's median lag), and a request needs many turns"
         );
         let mut first = Evidence::new("busy_and_late", summary);
         if let Some(t) = st.first_busy_late_ns {
@@ -795,7 +795,7 @@ impl Rule for Transients {
                 Evidence::new(
                     "taskdump_skipped",
                     format!(
-                        "the library skipped task dumps {} time(s){}: a tokio dump of a runtime with that many runnable tasks (or a late heartbeat) can freeze it for good, so the stuck requests have no await chain from then",
+                        "the library skipped task dumps ({} stretch(es) of intervals){}: a tokio dump of a runtime with that many runnable tasks (or a late heartbeat) can freeze it for good, so the stuck requests have no await chain from then",
                         skips.count,
                         skips
                             .max_local_queue_depth
