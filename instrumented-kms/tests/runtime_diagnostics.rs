@@ -605,18 +605,11 @@ fn an_exhausted_blocking_pool_and_a_busy_worker_show_in_runtime_samples() {
             rt.spawn_blocking(move || gate.wait())
         })
         .collect();
-    // One task that keeps its worker busy with short polls (tokio adds a
-    // worker's busy time when it parks or between polls, never mid-poll).
+    // One task that keeps its worker busy with short polls.
     let spinner = {
         let gate = gate.clone();
         rt.spawn(async move {
-            while !gate.is_open() {
-                let poll = Instant::now();
-                while poll.elapsed() < Duration::from_millis(2) {
-                    std::hint::spin_loop();
-                }
-                tokio::task::yield_now().await;
-            }
+            support::spin_in_short_polls(Duration::from_millis(2), || !gate.is_open()).await;
         })
     };
 

@@ -10,7 +10,7 @@ mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use instrumented_kms::{request_span, runtime_builder, Builder, DiagGuard, HttpProtocol};
 use support::{LogEntry, Receiver};
@@ -260,13 +260,10 @@ fn a_runtime_flooded_with_runnable_tasks_is_dumped_only_once_it_quiets() {
     for _ in 0..500 {
         let flooding = Arc::clone(&flooding);
         handle.spawn(async move {
-            while flooding.load(Ordering::Relaxed) {
-                let spin = Instant::now();
-                while spin.elapsed() < Duration::from_millis(2) {
-                    std::hint::spin_loop();
-                }
-                tokio::task::yield_now().await;
-            }
+            support::spin_in_short_polls(Duration::from_millis(2), || {
+                flooding.load(Ordering::Relaxed)
+            })
+            .await;
         });
     }
 

@@ -683,3 +683,17 @@ pub fn console_task_names(
         names
     })
 }
+
+/// An always-ready task's body: polls of `poll` of CPU each, yielding
+/// between them, while `go_on` says so. Keeps a worker busy with short
+/// polls (tokio adds a worker's busy time when it parks or between polls,
+/// never mid-poll).
+pub async fn spin_in_short_polls(poll: Duration, go_on: impl Fn() -> bool) {
+    while go_on() {
+        let started = Instant::now();
+        while started.elapsed() < poll {
+            std::hint::spin_loop();
+        }
+        tokio::task::yield_now().await;
+    }
+}

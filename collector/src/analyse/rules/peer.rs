@@ -339,7 +339,7 @@ impl Rule for WaitsElsewhere {
                 )
             } else {
                 format!(
-                    "none of the {} hung requests counts against {peer}: {excused} of them {} in or behind a call to it for a reason given under explained_elsewhere; where they wait: {}",
+                    "none of the {} hung requests counts against {peer}: {excused} of them {} in or behind a call to it for a reason rule frozen_by_stall gives; where they wait: {}",
                     hung.len(),
                     if excused == 1 { "waits" } else { "wait" },
                     wait_summary(hung.iter().copied())
