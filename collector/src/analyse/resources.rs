@@ -164,11 +164,7 @@ impl Pass for Resources {
             let workers = i64_of(a, "runtime.workers");
             f.queues.workers = workers.or(f.queues.workers);
             if let Some(g) = global {
-                let all_busy = match (i64_of(a, "runtime.busy_workers"), workers) {
-                    (Some(b), Some(w)) => w > 0 && b >= w,
-                    _ => super::attrs::f64_of(a, "runtime.busy_ratio")
-                        .is_some_and(|r| r >= BUSY_RATIO),
-                };
+                let all_busy = all_busy_by_tokio(a);
                 // tokio counts a worker busy by the wall clock; one the host
                 // does not schedule is "busy" too.
                 let host_starved =
@@ -264,6 +260,19 @@ impl Pass for Resources {
         }
         cx.diagnosis.resources = f;
         Ok(())
+    }
+}
+
+/// True when a `kms.runtime` sample shows every worker busy by tokio's own
+/// count: `runtime.busy_workers` of `runtime.workers`, or without them
+/// `runtime.busy_ratio` at [`BUSY_RATIO`] or more.
+pub(super) fn all_busy_by_tokio(a: &serde_json::Value) -> bool {
+    match (
+        i64_of(a, "runtime.busy_workers"),
+        i64_of(a, "runtime.workers"),
+    ) {
+        (Some(b), Some(w)) => w > 0 && b >= w,
+        _ => super::attrs::f64_of(a, "runtime.busy_ratio").is_some_and(|r| r >= BUSY_RATIO),
     }
 }
 

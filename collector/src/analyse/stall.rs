@@ -191,6 +191,11 @@ impl StallFindings {
         since.filter(|_| reach == i64::MAX)
     }
 
+    /// The first sample of a saturated runtime (see `saturated`), if it was.
+    pub fn saturated_since(&self) -> Option<i64> {
+        self.first_busy_late_ns.filter(|_| self.saturated)
+    }
+
     /// Episodes that overlap `w`.
     pub fn episodes_in(&self, w: TimeWindow) -> impl Iterator<Item = &StallEpisode> {
         self.episodes
@@ -235,12 +240,11 @@ impl Pass for Stall {
         let mut gaps: Vec<i64> = times.windows(2).map(|w| w[1] - w[0]).collect();
         gaps.sort_unstable();
         let interval = gaps.get(gaps.len() / 2).copied();
-        // Samples whose heartbeat was late with the workers busy, whatever
-        // dump was going on.
-        let busy_late: Vec<i64> = samples
+        // Per sample: was its heartbeat late with the workers busy (whatever
+        // dump was going on)?
+        let late_busy: Vec<bool> = samples
             .iter()
-            .filter(|s| late_and_busy(&s.attributes, f.busy_late_bar_ms))
-            .map(|s| s.time_ns)
+            .map(|s| late_and_busy(&s.attributes, f.busy_late_bar_ms))
             .collect();
         // A stall is the dump's when it began with a dump request on a
         // runtime that was not stalling already (a dump requested of a stuck
@@ -262,8 +266,9 @@ impl Pass for Stall {
             let stalling_before = spans.iter().enumerate().any(|(j, &(from, to))| {
                 j != i && from < ep.first_ns && to.saturating_add(RECOVERED_NS) >= ep.first_ns
             });
-            let late_before = busy_late.iter().any(|&t| {
-                t < ep.first_ns && t >= ep.first_ns - RECOVERED_NS - interval.unwrap_or(0)
+            let late_before = samples.iter().zip(&late_busy).any(|(s, &late)| {
+                late && s.time_ns < ep.first_ns
+                    && s.time_ns >= ep.first_ns - RECOVERED_NS - interval.unwrap_or(0)
             });
             ep.during_taskdump = with_a_request && !stalling_before && !late_before;
         }
@@ -277,7 +282,7 @@ impl Pass for Stall {
             .map(|e| (e.first_ns, if e.ended { e.last_ns } else { i64::MAX }))
             .collect();
         let mut busy_late_lags = Vec::new();
-        for s in &samples {
+        for (s, &late_busy) in samples.iter().zip(&late_busy) {
             let lag = i64_of(&s.attributes, "heartbeat.lag_ms").unwrap_or(0);
             f.lag_series.push((s.time_ns, lag));
             if !failure.contains(s.time_ns) {
@@ -291,7 +296,7 @@ impl Pass for Stall {
             let in_dump_stall = dump_stalls.iter().any(|&(from, to)| {
                 s.time_ns >= from && s.time_ns <= to.saturating_add(SAMPLE_AFTER_NS)
             });
-            if !in_dump_stall && late_and_busy(&s.attributes, f.busy_late_bar_ms) {
+            if late_busy && !in_dump_stall {
                 busy_late_lags.push(lag);
                 f.first_busy_late_ns.get_or_insert(s.time_ns);
             }
@@ -343,14 +348,7 @@ fn workers_busy(a: &serde_json::Value) -> bool {
     if let Some(cpu) = WorkersCpu::from_attrs(a) {
         return cpu.classify() == CpuUse::Busy;
     }
-    match (
-        i64_of(a, "runtime.busy_workers"),
-        i64_of(a, "runtime.workers"),
-    ) {
-        (Some(busy), Some(workers)) if workers > 0 => busy >= workers,
-        _ => super::attrs::f64_of(a, "runtime.busy_ratio")
-            .is_some_and(|r| r >= super::resources::BUSY_RATIO),
-    }
+    super::resources::all_busy_by_tokio(a)
 }
 
 /// A positive millisecond setting of the producer (`key`, e.g.

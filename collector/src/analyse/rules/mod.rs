@@ -303,8 +303,7 @@ fn closed_calls(
     failure: TimeWindow,
 ) -> Result<BTreeMap<String, PeerCalls>, ReadError> {
     let slow_ms = i64::try_from(cx.config.slow_call_threshold.as_millis()).unwrap_or(i64::MAX);
-    let st = &cx.diagnosis.stall;
-    let saturated_from = st.first_busy_late_ns.filter(|_| st.saturated);
+    let saturated_from = cx.diagnosis.stall.saturated_since();
     let mut by_peer: BTreeMap<String, PeerCalls> = BTreeMap::new();
     for s in cx
         .reader

@@ -60,12 +60,8 @@ pub(crate) fn excused(m: &Model<'_>, s: &StuckSpan) -> Option<&'static str> {
     if frozen.is_some_and(|f| began > f.saturating_sub(long_ns)) {
         return Some("the runtime stalled while it was in flight (D)");
     }
-    let st = &m.d.stall;
-    if st.saturated
-        && st
-            .first_busy_late_ns
-            .is_some_and(|t| began > t.saturating_sub(long_ns))
-    {
+    let saturated = m.d.stall.saturated_since();
+    if saturated.is_some_and(|t| began > t.saturating_sub(long_ns)) {
         return Some(SATURATED);
     }
     let c = &m.d.connections;
